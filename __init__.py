@@ -1,0 +1,10 @@
+"""ComfyUI-STIV: STIV video generation nodes for ComfyUI.
+
+ComfyUI imports this folder as a package under whatever name it was cloned as, so every import here
+is relative. The library itself lives in `stiv_core/` and never imports ComfyUI.
+"""
+from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
+
+WEB_DIRECTORY = "./js"
+
+__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "WEB_DIRECTORY"]

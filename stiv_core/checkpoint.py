@@ -1,0 +1,112 @@
+"""Checkpoints: safetensors only, with the model config stored in the file's metadata.
+
+Loading builds the model on the meta device and streams tensors one at a time from the memory-mapped
+file to their device (never a second full copy in RAM). Pickle files are refused: they can run code.
+"""
+from __future__ import annotations
+
+import os
+import struct
+from pathlib import Path
+from typing import Mapping, Optional
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .config import STIVConfig
+from .model.attention import AttentionBackend
+from .model.transformer import STIVTransformer
+
+FORMAT = "stiv"
+CONFIG_KEY = "stiv_config"
+SAFETENSORS_SUFFIXES = (".safetensors", ".sft")
+
+
+class CheckpointError(ValueError):
+    """A file that is not a loadable STIV checkpoint; the message says why."""
+
+
+def save_model(path: str | os.PathLike, model: STIVTransformer, *, dtype: Optional[torch.dtype] = None,
+               metadata: Optional[Mapping[str, str]] = None) -> None:
+    """Write `model`'s weights (optionally cast to `dtype`) and config atomically to `path`."""
+    state = {k: v.detach().to(dtype or v.dtype).contiguous().cpu() for k, v in model.state_dict().items()}
+    meta = {"format": FORMAT, CONFIG_KEY: model.config.to_json(), **dict(metadata or {})}
+    save_state_dict(path, state, meta)
+
+
+def save_state_dict(path: str | os.PathLike, state: Mapping[str, torch.Tensor],
+                    metadata: Mapping[str, str]) -> None:
+    """safetensors write through a temporary file and a rename: a crash never leaves half a file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        save_file(dict(state), str(tmp), metadata=dict(metadata))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def check_safetensors(path: str | os.PathLike) -> Path:
+    """The path, if it names a readable safetensors file; a clear CheckpointError otherwise."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if head[:2] == b"PK" or head[:1] == b"\x80":
+        raise CheckpointError(f"{path.name} is a pickle (torch.save) file; only .safetensors checkpoints "
+                              f"are loaded, since pickle can run code. Convert it with safetensors first.")
+    size = struct.unpack("<Q", head[:8])[0] if len(head) >= 8 else 0
+    if len(head) < 9 or head[8:9] != b"{" or size > path.stat().st_size:
+        raise CheckpointError(f"{path.name} is not a safetensors file (corrupt or another format); "
+                              f"expected one of {SAFETENSORS_SUFFIXES}")
+    return path
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, str]:
+    path = check_safetensors(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except Exception as err:  # safetensors raises its own error types for a corrupt header
+        raise CheckpointError(f"{path.name}: unreadable safetensors header ({err})") from err
+
+
+def load_config(path: str | os.PathLike) -> STIVConfig:
+    meta = read_metadata(path)
+    if CONFIG_KEY not in meta:
+        raise CheckpointError(f"{Path(path).name} has no STIV config in its metadata: it is not a STIV "
+                              f"checkpoint (convert it, or pass the config explicitly)")
+    try:
+        return STIVConfig.from_json(meta[CONFIG_KEY])
+    except (ValueError, TypeError) as err:
+        raise CheckpointError(f"{Path(path).name}: its stored STIV config is invalid: {err}") from err
+
+
+def load_model(path: str | os.PathLike, *, config: Optional[STIVConfig] = None, device: str | torch.device = "cpu",
+               dtype: Optional[torch.dtype] = None,
+               attention_backend: AttentionBackend = AttentionBackend.SDPA) -> STIVTransformer:
+    """The model stored at `path` on `device` (in the stored dtype unless `dtype` is given), in eval mode."""
+    config = config or load_config(path)
+    with torch.device("meta"):
+        model = STIVTransformer(config, attention_backend=attention_backend)
+    with safe_open(str(check_safetensors(path)), framework="pt", device="cpu") as f:
+        check_keys(model, {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}, Path(path).name)
+        state = {key: f.get_tensor(key).to(device=device, dtype=dtype) for key in f.keys()}
+        model.load_state_dict(state, assign=True)
+    return model.eval().requires_grad_(False)
+
+
+def check_keys(model: torch.nn.Module, shapes: Mapping[str, tuple[int, ...]], name: str, limit: int = 5) -> None:
+    """Raise a CheckpointError naming the first missing, unexpected and wrong-shaped keys."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    missing = [k for k in expected if k not in shapes]
+    unexpected = [k for k in shapes if k not in expected]
+    wrong = [f"{k}: file {shapes[k]} vs model {expected[k]}" for k in expected
+             if k in shapes and shapes[k] != expected[k]]
+    if missing or unexpected or wrong:
+        parts = [f"{label} ({len(items)}): {items[:limit]}" for label, items in
+                 (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)) if items]
+        raise CheckpointError(f"{name} does not match the model config: " + "; ".join(parts))
+

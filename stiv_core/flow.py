@@ -1,0 +1,86 @@
+"""Flow matching: the ONE time convention of this project, stated here and converted nowhere else.
+
+Convention (the paper's): time `t` runs over [0, 1]; **t = 0 is pure Gaussian noise, t = 1 is data**.
+    x_t = t * x1 + (1 - t) * x0,   x0 ~ N(0, I),  x1 = data
+    velocity v = dx_t/dt = x1 - x0      (the training target)
+Sampling integrates dx/dt = v from t = 0 to t = 1. A "shift" > 1 spends more of the steps near
+t = 0 (high noise), which large resolutions need (SD3's timestep shift, written for this convention).
+The network sees `t` itself (the embedder scales it); if it predicts clean data instead of velocity
+(`STIVConfig.prediction == "data"`), `velocity_from_prediction` turns that into velocity here.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+# 1 - t never goes below this when dividing by it (data prediction at t -> 1).
+MIN_REMAINING_TIME = 1e-3
+
+
+def interpolate(x1: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """x_t for data `x1` `(B, ...)`, noise of the same shape and `t` `(B,)`."""
+    t = _expand(t, x1)
+    return t * x1 + (1 - t) * noise
+
+
+def velocity_target(x1: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    return x1 - noise
+
+
+def velocity_from_prediction(prediction: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor,
+                             kind: str) -> torch.Tensor:
+    """The velocity implied by the network output `prediction` of `kind` 'velocity' or 'data'."""
+    if kind == "velocity":
+        return prediction
+    if kind == "data":
+        remaining = (1 - _expand(t, x_t)).clamp_min(MIN_REMAINING_TIME)
+        return (prediction - x_t) / remaining
+    raise ValueError(f"unknown prediction kind {kind!r}; expected 'velocity' or 'data'")
+
+
+def data_from_velocity(velocity: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """The clean sample x1 implied by velocity at (x_t, t): x1 = x_t + (1 - t) v (for previews)."""
+    return x_t + (1 - _expand(t, x_t)) * velocity
+
+
+def flow_loss(velocity: torch.Tensor, target: torch.Tensor,
+              frame_weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Mean squared velocity error over `(B, C, T, H, W)`, counting only frames with weight > 0.
+
+    `frame_weight` `(B, T)`: 1 for generated frames, 0 for given (frame-replaced) frames, whose error
+    must not reach the loss. Returns a scalar; 0 if every frame is given.
+    """
+    error = (velocity.float() - target.float()).square().mean(dim=(1, 3, 4))  # (B, T)
+    if frame_weight is None:
+        return error.mean()
+    weight = frame_weight.to(error.dtype)
+    return (error * weight).sum() / weight.sum().clamp_min(1.0)
+
+
+def sample_time(batch: int, *, generator: Optional[torch.Generator] = None, mean: float = 0.0,
+                std: float = 1.0, shift: float = 1.0) -> torch.Tensor:
+    """Training times `(B,)`: logit-normal (SD3) on the data-time axis, then `shift_time`."""
+    t = torch.sigmoid(mean + std * torch.randn(batch, generator=generator))
+    return shift_time(t, shift)
+
+
+def shift_time(t: torch.Tensor, shift: float) -> torch.Tensor:
+    """Shift > 1 moves times toward noise (t = 0); keeps 0 and 1 fixed.
+
+    With noise level sigma = 1 - t this is SD3's `sigma' = s*sigma / (1 + (s-1)*sigma)`.
+    """
+    if not (math.isfinite(shift) and shift > 0):
+        raise ValueError(f"time shift must be a positive finite number, got {shift!r}")
+    return t / (t + shift * (1 - t))
+
+
+def resolution_shift(num_tokens: int, *, base_tokens: int = 1024, max_shift: float = 8.0) -> float:
+    """Shift for a resolution: sqrt(tokens / base_tokens) (SD3), at least 1, at most `max_shift`."""
+    return float(min(max(math.sqrt(num_tokens / base_tokens), 1.0), max_shift))
+
+
+def _expand(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    t = torch.as_tensor(t, dtype=like.dtype, device=like.device)
+    return t.reshape(t.shape + (1,) * (like.dim() - t.dim()))

@@ -1,0 +1,158 @@
+"""generate(): encode -> sample -> decode, one pipeline for every task (a task is a plan).
+
+A long video is keyframes first (a sparse clip with the frame stride as a micro-condition), then
+interpolation between each consecutive pair, the pairs sharing their boundary frames exactly.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field, replace
+from typing import Optional, Sequence
+
+import torch
+
+from .conditioning import FrameReplacementPlan, MicroConditions
+from .interfaces import TextEmbedding, TextEncoder, VideoVAE
+from .model.transformer import STIVTransformer
+from .sampling import SampleInputs, SamplerConfig, sample
+from .sampling.sampler import StepCallback
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class FrameCondition:
+    """Given frames in pixels `(B, 3, k, H, W)` in [-1, 1] (B = 1 broadcasts) at frame `indices`."""
+
+    pixels: torch.Tensor
+    indices: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        if self.pixels.dim() != 5 or self.pixels.shape[1] != 3:
+            raise ValueError(f"condition frames must be (B, 3, k, H, W), got {tuple(self.pixels.shape)}")
+        if self.pixels.shape[2] != len(self.indices):
+            raise ValueError(f"{self.pixels.shape[2]} condition frames for {len(self.indices)} indices "
+                             f"{tuple(self.indices)}: give one frame per index")
+        object.__setattr__(self, "indices", tuple(int(i) for i in self.indices))
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    prompt: Sequence[str] | str
+    num_frames: int
+    height: int           # pixels
+    width: int            # pixels
+    seed: int = 0
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    condition: Optional[FrameCondition] = None   # None = text-to-video
+    negative_prompt: Optional[str] = None        # None = the model's learned null text
+    frame_stride: int = 1                        # micro-condition: original frames between frames
+
+    @property
+    def prompts(self) -> list[str]:
+        return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
+
+
+@dataclass
+class STIVPipeline:
+    """A model with the text encoder and VAE it was trained with."""
+
+    model: STIVTransformer
+    text_encoder: TextEncoder
+    vae: VideoVAE
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def encode_text(self, prompts: list[str]) -> TextEmbedding:
+        return self.text_encoder.encode(prompts).fit(self.model.config.max_text_tokens)
+
+    def latent_shape(self, batch: int, num_frames: int, height: int, width: int) -> tuple[int, ...]:
+        """Latent shape for a pixel size; raises with the allowed sizes when they don't fit."""
+        f, p = self.vae.spatial_factor, self.model.config.patch_size
+        if height % (f * p) or width % (f * p):
+            raise ValueError(f"{width}x{height} px: width and height must be multiples of {f * p} "
+                             f"(VAE factor {f} x patch {p}); e.g. {width - width % (f * p) or f * p}x"
+                             f"{height - height % (f * p) or f * p}")
+        shape = (batch, self.vae.latent_channels, num_frames, height // f, width // f)
+        self.model.token_grid(shape)
+        return shape
+
+    def plan(self, request: GenerationRequest, batch: int) -> FrameReplacementPlan:
+        cond = request.condition
+        if cond is None:
+            return FrameReplacementPlan.text_to_video(request.num_frames)
+        pixels = cond.pixels
+        if pixels.shape[-2:] != (request.height, request.width):
+            raise ValueError(f"condition frames are {pixels.shape[-1]}x{pixels.shape[-2]} px, the video "
+                             f"is {request.width}x{request.height}: resize them first")
+        if pixels.shape[0] not in (1, batch):
+            raise ValueError(f"condition frames have batch {pixels.shape[0]}, prompts {batch}")
+        with torch.inference_mode():
+            clean = self.vae.encode(pixels.to(self.device)).float()
+        return FrameReplacementPlan.frames_at(clean.expand(batch, *clean.shape[1:]), cond.indices,
+                                              request.num_frames)
+
+    def sample_latents(self, request: GenerationRequest, *, plan: Optional[FrameReplacementPlan] = None,
+                       callback: Optional[StepCallback] = None) -> torch.Tensor:
+        """Latents `(B, C, T, h, w)` for the request (B = number of prompts).
+
+        `plan` (latent frames given directly) overrides the plan made from `request.condition`.
+        """
+        prompts = request.prompts
+        shape = self.latent_shape(len(prompts), request.num_frames, request.height, request.width)
+        text = self.encode_text(prompts)
+        negative = None
+        if request.negative_prompt is not None:
+            negative = self.encode_text([request.negative_prompt]).repeat(len(prompts))
+        micro = MicroConditions(request.height, request.width, request.num_frames,
+                                frame_stride=request.frame_stride).tensor(len(prompts))
+        plan = plan if plan is not None else self.plan(request, len(prompts))
+        inputs = SampleInputs(text, micro, plan, negative)
+        return sample(self.model, seeded_noise(shape, request.seed), inputs, request.sampler, callback=callback)
+
+    @torch.inference_mode()
+    def decode(self, latents: torch.Tensor, *, chunk_frames: int = 16) -> torch.Tensor:
+        """Pixels `(B, 3, T, H, W)` in [-1, 1], decoded `chunk_frames` frames at a time."""
+        chunks = [self.vae.decode(latents[:, :, i : i + chunk_frames]).float().clamp(-1, 1).cpu()
+                  for i in range(0, latents.shape[2], chunk_frames)]
+        return torch.cat(chunks, dim=2)
+
+
+def seeded_noise(shape: Sequence[int], seed: int) -> torch.Tensor:
+    """Gaussian noise from a seeded CPU generator: the same seed gives the same video on any device."""
+    return torch.randn(tuple(shape), generator=torch.Generator("cpu").manual_seed(int(seed)))
+
+
+def generate(pipeline: STIVPipeline, request: GenerationRequest, *,
+             callback: Optional[StepCallback] = None) -> torch.Tensor:
+    """Pixels `(B, 3, T, H, W)` in [-1, 1] for any task; the task is `request.condition`."""
+    return pipeline.decode(pipeline.sample_latents(request, callback=callback))
+
+
+def generate_long(pipeline: STIVPipeline, request: GenerationRequest, *, keyframes: int, stride: int,
+                  callback: Optional[StepCallback] = None) -> torch.Tensor:
+    """Long video: `keyframes` frames at `stride`, then interpolation of every consecutive pair.
+
+    Returns pixels `(B, 3, (keyframes - 1) * stride + 1, H, W)`. The request's condition (e.g. a first
+    frame) applies to the keyframe pass; `request.num_frames` is ignored.
+    """
+    if keyframes < 2:
+        raise ValueError(f"a long video needs at least 2 keyframes, got {keyframes}")
+    if stride < 1:
+        raise ValueError(f"keyframe stride must be >= 1, got {stride}")
+    pt = pipeline.model.config.temporal_patch
+    if keyframes % pt or (stride + 1) % pt:
+        raise ValueError(f"with temporal patch {pt}, the keyframe count ({keyframes}) and stride + 1 "
+                         f"({stride + 1}, the frames of each interpolated window) must be multiples of {pt}")
+    keys = pipeline.sample_latents(replace(request, num_frames=keyframes, frame_stride=stride), callback=callback)
+    windows = [keys[:, :, :1]]
+    for i in range(keyframes - 1):
+        window_request = replace(request, num_frames=stride + 1, frame_stride=1, seed=request.seed + 1 + i,
+                                 condition=None)
+        plan = FrameReplacementPlan.interpolation(keys[:, :, i], keys[:, :, i + 1], stride + 1)
+        window = pipeline.sample_latents(window_request, plan=plan, callback=callback)
+        windows.append(window[:, :, 1:])  # its first frame is the previous window's last
+    return pipeline.decode(torch.cat(windows, dim=2))
+
