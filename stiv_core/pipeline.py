@@ -133,10 +133,18 @@ def generate(pipeline: STIVPipeline, request: GenerationRequest, *,
 
 def generate_long(pipeline: STIVPipeline, request: GenerationRequest, *, keyframes: int, stride: int,
                   callback: Optional[StepCallback] = None) -> torch.Tensor:
+    """Pixels `(B, 3, (keyframes - 1) * stride + 1, H, W)` of a long video (see `long_video_latents`)."""
+    return pipeline.decode(long_video_latents(pipeline, request, keyframes=keyframes, stride=stride,
+                                              callback=callback))
+
+
+def long_video_latents(pipeline: STIVPipeline, request: GenerationRequest, *, keyframes: int, stride: int,
+                       callback: Optional[StepCallback] = None) -> torch.Tensor:
     """Long video: `keyframes` frames at `stride`, then interpolation of every consecutive pair.
 
-    Returns pixels `(B, 3, (keyframes - 1) * stride + 1, H, W)`. The request's condition (e.g. a first
-    frame) applies to the keyframe pass; `request.num_frames` is ignored.
+    Returns latents with `(keyframes - 1) * stride + 1` frames; frame `k * stride` is keyframe k exactly.
+    The request's condition (e.g. a first frame) applies to the keyframe pass; `request.num_frames` is
+    ignored. Window i is sampled with seed `request.seed + 1 + i`.
     """
     if keyframes < 2:
         raise ValueError(f"a long video needs at least 2 keyframes, got {keyframes}")
@@ -154,5 +162,5 @@ def generate_long(pipeline: STIVPipeline, request: GenerationRequest, *, keyfram
         plan = FrameReplacementPlan.interpolation(keys[:, :, i], keys[:, :, i + 1], stride + 1)
         window = pipeline.sample_latents(window_request, plan=plan, callback=callback)
         windows.append(window[:, :, 1:])  # its first frame is the previous window's last
-    return pipeline.decode(torch.cat(windows, dim=2))
+    return torch.cat(windows, dim=2)
 

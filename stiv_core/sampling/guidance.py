@@ -81,9 +81,9 @@ def separate_image_text_cfg(v_full: torch.Tensor, v_image: torch.Tensor, v_null:
 
 def renormalize(v_guided: torch.Tensor, v_cond: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
     """v_guided rescaled per sample (over all non-batch dims) to the norm of v_cond."""
-    dims = tuple(range(1, v_guided.dim()))
-    ratio = v_cond.norm(dim=dims, keepdim=True) / v_guided.norm(dim=dims, keepdim=True).clamp_min(eps)
-    return v_guided * ratio
+    per_sample = lambda v: torch.linalg.vector_norm(v.flatten(1), dim=1)
+    ratio = per_sample(v_cond) / per_sample(v_guided).clamp_min(eps)
+    return v_guided * ratio.view(-1, *([1] * (v_guided.dim() - 1)))
 
 
 def combine(config: GuidanceConfig, velocities: Sequence[torch.Tensor]) -> torch.Tensor:

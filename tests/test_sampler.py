@@ -1,0 +1,150 @@
+"""The frame-replacement sampler: batched guidance passes, steppers, given frames, callbacks."""
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+from stiv_core.conditioning import FrameReplacementPlan, MicroConditions
+from stiv_core.sampling import (GenerationCancelled, GuidanceConfig, SampleInputs, SamplerConfig, Stepper,
+                                sample)
+from stiv_core.sampling.guidance import separate_image_text_cfg
+from stiv_core.sampling.sampler import guided_velocity
+from tests.fakes import tiny_pipeline
+
+
+class FieldModel(nn.Module):
+    """A stand-in network with a known output: `fn(x, t)`, declared as `prediction`."""
+
+    def __init__(self, fn, prediction="velocity"):
+        super().__init__()
+        self.anchor = nn.Parameter(torch.zeros(()))
+        self.fn, self.config = fn, SimpleNamespace(prediction=prediction)
+
+    def token_grid(self, shape):
+        return shape[2:]
+
+    def forward(self, x, t, *args, **kwargs):
+        return self.fn(x, t)
+
+
+def inputs_for(pipe, prompts, plan):
+    text = pipe.encode_text(prompts)
+    micro = MicroConditions(8, 8, plan.num_frames).tensor(len(prompts))
+    return SampleInputs(text, micro, plan)
+
+
+def noise(shape, seed=0):
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("mode", ["none", "cfg", "jit", "sit"])
+@pytest.mark.parametrize("task", ["ti2v", "interp", "keyframes", "prediction"])
+def test_given_frames_are_bit_identical_after_sampling(mode, task):
+    pipe = tiny_pipeline()
+    clean = noise((2, 12, 8, 4, 4), seed=5)
+    plan = {"ti2v": lambda: FrameReplacementPlan.first_frame(clean[:, :, 0], 8),
+            "interp": lambda: FrameReplacementPlan.interpolation(clean[:, :, 0], clean[:, :, 7], 8),
+            "keyframes": lambda: FrameReplacementPlan.keyframes(clean[:, :, ::3], 8, stride=3),
+            "prediction": lambda: FrameReplacementPlan.prediction(clean[:, :, :3], 8)}[task]()
+    config = SamplerConfig(steps=3, guidance=GuidanceConfig(mode, scale=4.0, image_scale=2.0))
+    out = sample(pipe.model, noise(clean.shape), inputs_for(pipe, ["a red circle", "a cat"], plan), config)
+    idx = list(plan.given)
+    assert torch.equal(out[:, :, idx], clean[:, :, idx])
+    generated = [i for i in range(8) if i not in idx]
+    assert not torch.allclose(out[:, :, generated], clean[:, :, generated])
+
+
+def manual_passes(pipe, inputs, x, t, passes):
+    """Each pass as its own forward (no batching), the reference for the batched velocity."""
+    model, plan, text = pipe.model, inputs.plan, inputs.text
+    out = []
+    for drop_text, drop_image in passes:
+        x_in = x if drop_image else plan.replace(x)
+        mask = torch.zeros(x.shape[0], x.shape[2], dtype=torch.bool) if drop_image else plan.frame_mask(x.shape[0])
+        emb = inputs.negative if (drop_text and inputs.negative is not None) else text
+        drop = torch.full((x.shape[0],), drop_text and inputs.negative is None)
+        out.append(model(x_in, torch.full((x.shape[0],), t), emb.tokens, emb.mask, emb.pooled, inputs.micro,
+                         frame_mask=mask, text_drop=drop))
+    return out
+
+
+def test_batched_sit_passes_equal_separate_forwards():
+    pipe = tiny_pipeline()
+    clean, x = noise((2, 12, 4, 4, 4), 1), noise((2, 12, 4, 4, 4), 2)
+    inputs = inputs_for(pipe, ["red circle left", "blue square up"], FrameReplacementPlan.first_frame(clean[:, :, 0], 4))
+    config = GuidanceConfig("sit", scale=7.5, image_scale=1.5)
+    with torch.no_grad():
+        batched = guided_velocity(pipe.model, inputs, config, 2)(x, 0.4)
+        v_full, v_image, v_null = manual_passes(pipe, inputs, x, 0.4, config.passes)
+    expected = separate_image_text_cfg(v_full, v_image, v_null, scale_text=7.5, scale_image=1.5)
+    torch.testing.assert_close(batched, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_negative_prompt_replaces_the_null_text():
+    pipe = tiny_pipeline()
+    x = noise((1, 12, 4, 4, 4), 3)
+    inputs = inputs_for(pipe, ["red circle"], FrameReplacementPlan.text_to_video(4))
+    negative = SampleInputs(inputs.text, inputs.micro, inputs.plan, pipe.encode_text(["blurry"]))
+    config = GuidanceConfig("cfg", scale=5.0)
+    with torch.no_grad():
+        with_negative = guided_velocity(pipe.model, negative, config, 1)(x, 0.5)
+        with_null = guided_velocity(pipe.model, inputs, config, 1)(x, 0.5)
+        v_full, v_neg = manual_passes(pipe, negative, x, 0.5, config.passes)
+    torch.testing.assert_close(with_negative, v_neg + 5.0 * (v_full - v_neg), rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(with_negative, with_null)
+
+
+@pytest.mark.parametrize("stepper", [Stepper.EULER, Stepper.HEUN])
+def test_data_prediction_lands_exactly_on_the_predicted_clip(stepper):
+    target = noise((1, 2, 4, 2, 2), 7)
+    model = FieldModel(lambda x, t: target.expand_as(x), prediction="data")
+    plan = FrameReplacementPlan.text_to_video(4)
+    inputs = SampleInputs(tiny_pipeline().encode_text(["x"]), torch.zeros(1, 6), plan)
+    out = sample(model, noise(target.shape), inputs, SamplerConfig(steps=4, stepper=stepper, shift=3.0,
+                                                                      guidance=GuidanceConfig("none")))
+    torch.testing.assert_close(out, target)
+
+
+def test_heun_is_second_order_on_a_known_ode():
+    """dx/dt = -x from t=0 to 1: x(1) = x(0) / e; Heun's error shrinks ~4x per halving, Euler's ~2x."""
+    x0 = noise((1, 2, 4, 2, 2), 8)
+    model = FieldModel(lambda x, t: -x)
+    inputs = SampleInputs(tiny_pipeline().encode_text(["x"]), torch.zeros(1, 6), FrameReplacementPlan.text_to_video(4))
+
+    def error(stepper, steps):
+        out = sample(model, x0, inputs, SamplerConfig(steps=steps, stepper=stepper, guidance=GuidanceConfig("none")))
+        return (out - x0 / math.e).abs().max().item()
+
+    euler, heun = [error(Stepper.EULER, n) for n in (10, 20)], [error(Stepper.HEUN, n) for n in (10, 20)]
+    assert 1.8 < euler[0] / euler[1] < 2.2
+    assert 3.0 < heun[0] / heun[1] < 5.0 and heun[1] < euler[1] / 10
+
+
+def test_callback_sees_every_step_and_can_stop_the_run():
+    pipe = tiny_pipeline()
+    inputs = inputs_for(pipe, ["red"], FrameReplacementPlan.text_to_video(4))
+    seen = []
+    sample(pipe.model, noise((1, 12, 4, 4, 4)), inputs, SamplerConfig(steps=5, shift=2.0),
+           callback=lambda info: seen.append((info.step, info.total, info.t, info.denoised.shape)))
+    assert [s[0] for s in seen] == [1, 2, 3, 4, 5] and seen[-1][2] == 1.0
+    assert all(a[2] < b[2] for a, b in zip(seen, seen[1:])) and seen[0][3] == (1, 12, 4, 4, 4)
+    calls = []
+    with pytest.raises(GenerationCancelled, match="after step 2 of 5"):
+        sample(pipe.model, noise((1, 12, 4, 4, 4)), inputs, SamplerConfig(steps=5),
+               callback=lambda info: calls.append(info.step) or info.step < 2)
+    assert calls == [1, 2]
+
+
+def test_mismatched_inputs_are_refused_before_any_step():
+    pipe = tiny_pipeline()
+    inputs = inputs_for(pipe, ["red"], FrameReplacementPlan.text_to_video(4))
+    with pytest.raises(ValueError, match="plan is for 4 frames"):
+        sample(pipe.model, noise((1, 12, 6, 4, 4)), inputs, SamplerConfig(steps=2))
+    with pytest.raises(ValueError, match="batch"):
+        sample(pipe.model, noise((2, 12, 4, 4, 4)), inputs, SamplerConfig(steps=2))
+    with pytest.raises(ValueError, match="multiple of 2"):
+        sample(pipe.model, noise((1, 12, 5, 4, 4)), inputs, SamplerConfig(steps=2))
+    with pytest.raises(ValueError, match="steps"):
+        SamplerConfig(steps=0)
