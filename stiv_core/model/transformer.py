@@ -70,7 +70,7 @@ class STIVTransformer(nn.Module):
         self.patch_embed = nn.Conv3d(c, dim, kernel_size=(pt, p, p), stride=(pt, p, p))
         # Which latent frames are given (frame replacement), per temporal patch: zero-initialised.
         self.given_frame_embed = nn.Linear(pt, dim, bias=False)
-        self.caption_proj = FeedForward(config.text_dim, dim)
+        self.caption_proj = FeedForward(config.text_dim, dim, dim)
         self.null_text = nn.Parameter(torch.randn(config.max_text_tokens, config.text_dim) / config.text_dim ** 0.5)
         self.null_pooled = nn.Parameter(torch.zeros(config.pooled_text_dim))
         self.pooled_proj = nn.Sequential(nn.Linear(config.pooled_text_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
