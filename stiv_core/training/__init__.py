@@ -1,0 +1,1 @@
+"""Training: config, optimizers, EMA, the recipe, resumable state and progressive init."""
