@@ -1,0 +1,87 @@
+"""The built-in word-level text encoder: a learned embedding per word, trained with the model.
+
+Words outside the vocabulary are warned about and ignored (never an error: users type freely). A
+one-layer transformer gives each word its context, so "blue" before "background" differs from "blue"
+before "circle". Its weights live in the model's checkpoint under `text_encoder.`, its vocabulary in
+the checkpoint metadata.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import re
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from ..interfaces import TextEmbedding
+
+log = logging.getLogger(__name__)
+PREFIX = "text_encoder."
+VOCAB_KEY = "text_vocab"
+
+
+def split_words(prompt: str) -> list[str]:
+    return re.findall(r"[a-z0-9]+", prompt.lower())
+
+
+class WordTextEncoder(nn.Module):
+    def __init__(self, vocab: Sequence[str], *, dim: int = 128, max_tokens: int = 16, heads: int = 4):
+        super().__init__()
+        if len(set(vocab)) != len(vocab) or not vocab:
+            raise ValueError("the vocabulary must be a non-empty list of distinct words")
+        self.vocab = list(vocab)
+        self.index = {w: i for i, w in enumerate(self.vocab)}
+        self.dim = self.pooled_dim = dim
+        self.max_tokens = max_tokens
+        self.embed = nn.Embedding(len(self.vocab), dim)
+        self.position = nn.Parameter(torch.randn(max_tokens, dim) * 0.02)
+        self.context = nn.TransformerEncoderLayer(dim, heads, dim * 2, dropout=0.0, batch_first=True,
+                                                  norm_first=True)
+        self.pool = nn.Linear(dim, dim)
+        nn.init.normal_(self.embed.weight, std=0.5)
+
+    def token_ids(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(B, L)` ids and mask; unknown words are dropped with one warning per call."""
+        rows, unknown = [], []
+        for prompt in prompts:
+            words = split_words(prompt)
+            unknown += [w for w in words if w not in self.index]
+            ids = [self.index[w] for w in words if w in self.index]
+            if len(ids) > self.max_tokens:
+                log.warning("prompt %r has %d known words; only the first %d are used", prompt, len(ids),
+                            self.max_tokens)
+            rows.append(ids[: self.max_tokens])
+        if unknown:
+            log.warning("unknown words ignored (not in the model's %d-word vocabulary): %s", len(self.vocab),
+                        ", ".join(sorted(set(unknown))))
+        length = max(1, max(len(r) for r in rows))
+        ids = torch.zeros(len(rows), length, dtype=torch.long)
+        mask = torch.zeros(len(rows), length, dtype=torch.bool)
+        for i, row in enumerate(rows):
+            ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+            mask[i, : len(row)] = True
+        return ids, mask
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> TextEmbedding:
+        device = self.embed.weight.device
+        ids, mask = ids.to(device), mask.to(device)
+        x = self.embed(ids) + self.position[: ids.shape[1]]
+        empty = ~mask.any(dim=1)  # an all-unknown prompt: attend to slot 0 rather than to nothing
+        attend = mask | (empty[:, None] & (torch.arange(mask.shape[1], device=device) == 0))
+        x = self.context(x, src_key_padding_mask=~attend)
+        weights = mask.float()[..., None]
+        pooled = self.pool((x * weights).sum(1) / weights.sum(1).clamp_min(1.0))
+        return TextEmbedding(x * weights, mask, pooled)
+
+    def encode(self, prompts: list[str]) -> TextEmbedding:
+        return self(*self.token_ids(prompts))
+
+    def metadata(self) -> dict[str, str]:
+        return {VOCAB_KEY: json.dumps({"vocab": self.vocab, "dim": self.dim, "max_tokens": self.max_tokens})}
+
+    @classmethod
+    def from_metadata(cls, metadata: dict[str, str]) -> WordTextEncoder:
+        spec = json.loads(metadata[VOCAB_KEY])
+        return cls(spec["vocab"], dim=spec["dim"], max_tokens=spec["max_tokens"])
