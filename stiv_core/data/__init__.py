@@ -1,0 +1,1 @@
+"""Datasets (synthetic squares, video and image folders, caches), all yielding one typed sample."""

@@ -1,0 +1,259 @@
+"""The headless STIV trainer.
+
+    python stiv_core/train.py --config stiv_core/configs/tiny.toml [key=value ...]
+    accelerate launch stiv_core/train.py --config FILE [key=value ...]     # DDP / FSDP, many GPUs
+
+Reads top to bottom: build the model (optionally from a progressive-init checkpoint), its EMA, the
+optimizer and the data; resume from the newest complete checkpoint; then loop: one flow-matching step
+with the recipe's task mixture and condition dropout, clip, step, EMA, log, checkpoint, sample.
+Devices, mixed precision and distribution are accelerate's; checkpoints are ours (safetensors).
+"""
+from __future__ import annotations
+
+if __package__ in (None, ""):  # run as a file: make `stiv_core` importable, run this as its module
+    import runpy
+    import sys
+    from pathlib import Path as _Path
+
+    _here = _Path(__file__).resolve().parent
+    sys.path = [p for p in sys.path if _Path(p or ".").resolve() != _here]  # no top-level `config`
+    sys.path.insert(0, str(_here.parent))
+    runpy.run_module("stiv_core.train", run_name="__main__", alter_sys=True)
+    raise SystemExit(0)
+
+import argparse
+import importlib.util
+import json
+import logging
+import signal
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+from accelerate import Accelerator
+from tqdm.auto import tqdm
+
+from .checkpoint import save_model
+from .data.loader import build_dataset, build_loader, mix_seed
+from .data.sample import SampleBatch
+from .data.stand_ins import HashedTextEncoder, IdentityVAE
+from .interfaces import TextEncoder, VideoVAE
+from .model.transformer import STIVTransformer
+from .training.config import ConfigError, TrainConfig, load_config
+from .training.ema import EMA
+from .training.init import initialize
+from .training.optim import build_optimizer, build_scheduler
+from .training.recipe import TrainBatch, frozen_parameter_names, training_loss
+from .training.samples import write_samples
+from .training.state import (TrainerState, latest_checkpoint, load_checkpoint, remove_incomplete,
+                             save_checkpoint)
+
+log = logging.getLogger("stiv_core.train")
+
+
+@dataclass
+class TrainResult:
+    step: int
+    losses: list[float] = field(default_factory=list)   # this process's losses, one per step run
+    skipped: list[str] = field(default_factory=list)    # every unreadable / too-short file seen
+    model_path: Optional[Path] = None                   # the exported EMA model
+
+
+def main(argv: Optional[Sequence[str]] = None) -> TrainResult:
+    parser = argparse.ArgumentParser(description="Train or finetune a STIV model.")
+    parser.add_argument("--config", required=True, help="TOML file (see stiv_core/configs/)")
+    parser.add_argument("--resume", action=argparse.BooleanOptionalAction, default=None,
+                        help="same as resume=true/false")
+    parser.add_argument("overrides", nargs="*", help="key=value or section.key=value (TOML values)")
+    args = parser.parse_args(argv)
+    overrides = list(args.overrides) + ([f"resume={str(args.resume).lower()}"] if args.resume is not None else [])
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    try:
+        config = load_config(args.config, overrides)
+    except ConfigError as err:
+        parser.error(str(err))  # exits with status 2 before anything is built
+    return train(config)
+
+
+def train(config: TrainConfig) -> TrainResult:
+    accelerator = Accelerator(mixed_precision=config.mixed_precision.value,
+                              log_with="tensorboard" if _has_tensorboard() else None,
+                              project_dir=config.output_dir)
+    config.output_path.mkdir(parents=True, exist_ok=True)
+    resume_from = _resume_point(config) if accelerator.is_main_process else None
+    resume_from = _broadcast_path(accelerator, resume_from)
+
+    torch.manual_seed(config.seed)  # the same initial weights on every process
+    model = STIVTransformer(config.model)
+    initialize(model, config.init)
+    model.gradient_checkpointing = config.gradient_checkpointing
+    for name in frozen_parameter_names(model, config.recipe):
+        model.get_parameter(name).requires_grad_(False)
+    ema = EMA(model, config.optim.ema_decay)
+    optimizer = build_optimizer(model.parameters(), config.optim)
+    scheduler = build_scheduler(optimizer, config.optim)  # stepped by us: once per optimizer step
+    text_encoder, vae = build_encoders(config)
+    state = TrainerState()
+    if resume_from is not None:
+        state = load_checkpoint(resume_from, model=model, ema_model=ema.model, optimizer=optimizer,
+                                scheduler=scheduler)
+        log.info("resumed from %s at step %d", resume_from, state.step)
+
+    raw_optimizer = optimizer
+    model, optimizer = accelerator.prepare(model, optimizer)
+    ema.model.to(accelerator.device)
+    dataset = build_dataset(config.data)
+    loader = build_loader(dataset, config.data, batch_size=config.batch_size, seed=config.seed,
+                          start_step=state.step, rank=accelerator.process_index, world=accelerator.num_processes)
+    if accelerator.is_main_process and _has_tensorboard():
+        accelerator.init_trackers("stiv")
+
+    result = TrainResult(state.step, skipped=state.skipped)
+    save = lambda: _save(accelerator, config, model, ema, raw_optimizer, scheduler, state)
+    bar = tqdm(total=config.max_steps, initial=state.step, disable=not accelerator.is_main_process,
+               desc="train", dynamic_ncols=True)
+    previous_handler = _on_sigterm(_raise_interrupt)
+    try:
+        for step, sample_batch in zip(range(state.step, config.max_steps), loader):
+            batch = encode_batch(sample_batch, text_encoder, vae, config, accelerator.device)
+            loss = train_step(accelerator, model, optimizer, scheduler, batch, config, step)
+            ema.update(accelerator.unwrap_model(model))
+            state.step = step + 1
+            _note_skips(state, sample_batch)
+            result.losses.append(loss)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}", skipped=len(state.skipped))
+            _log_metrics(accelerator, config, state, loss, scheduler.get_last_lr()[0])
+            if state.step % config.checkpoint_every == 0 and state.step < config.max_steps:
+                save()
+            if config.sample_every and state.step % config.sample_every == 0 and accelerator.is_main_process:
+                write_samples(ema.model, text_encoder, vae, config, state.step)
+    except KeyboardInterrupt:
+        log.warning("interrupted at step %d: saving a checkpoint before exiting", state.step)
+        save()
+        raise
+    finally:
+        _on_sigterm(previous_handler)
+        bar.close()
+    if result.losses:  # a resumed run that was already complete has nothing new to save
+        save()
+    result.step, result.skipped = state.step, list(state.skipped)
+    result.model_path = _export(accelerator, config, ema)
+    if state.skipped:
+        log.warning("%d unreadable or too-short files were skipped, e.g. %s", len(state.skipped), state.skipped[:3])
+    accelerator.end_training()
+    return result
+
+
+def train_step(accelerator: Accelerator, model, optimizer, scheduler, batch: TrainBatch,
+               config: TrainConfig, step: int) -> float:
+    """One optimizer step. Its randomness is a function of (seed, step, rank): resumable exactly."""
+    generator = torch.Generator().manual_seed(mix_seed(config.seed, step, accelerator.process_index, 4))
+    model.train()
+    with accelerator.autocast():
+        loss, _ = training_loss(model, batch, config.recipe, step=step, generator=generator, config=config.model)
+    accelerator.backward(loss)
+    if config.optim.grad_clip > 0:
+        accelerator.clip_grad_norm_(model.parameters(), config.optim.grad_clip)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return float(accelerator.reduce(loss.detach(), reduction="mean"))
+
+
+def encode_batch(batch: SampleBatch, text_encoder: TextEncoder, vae: VideoVAE, config: TrainConfig,
+                 device: torch.device) -> TrainBatch:
+    """Pixels -> latents and captions -> text embeddings, with no gradient (both are frozen)."""
+    if getattr(batch, "latents", None) is not None:  # from the cache: nothing to encode
+        return TrainBatch(batch.latents.to(device), batch.text.to(device), batch.micro.to(device))
+    with torch.no_grad():
+        latents = vae.encode(batch.pixels.to(device)).float()
+        text = text_encoder.encode(list(batch.captions)).fit(config.model.max_text_tokens).to(device)
+    return TrainBatch(latents, text, batch.micro.to(device))
+
+
+def build_encoders(config: TrainConfig) -> tuple[TextEncoder, VideoVAE]:
+    """The stand-in text encoder and pixel VAE; their widths must match the model config."""
+    m = config.model
+    vae = IdentityVAE()
+    if m.latent_channels != vae.latent_channels:
+        raise ConfigError(f"model.latent_channels is {m.latent_channels}, but the pixel VAE gives "
+                          f"{vae.latent_channels} channels: set model.latent_channels = 3")
+    if m.pooled_text_dim > m.text_dim:
+        raise ConfigError(f"model.pooled_text_dim ({m.pooled_text_dim}) must be <= model.text_dim "
+                          f"({m.text_dim}) for the hashed text encoder")
+    return HashedTextEncoder(m.text_dim, m.pooled_text_dim, m.max_text_tokens), vae
+
+
+def _resume_point(config: TrainConfig) -> Optional[Path]:
+    remove_incomplete(config.output_dir)
+    found = latest_checkpoint(config.output_dir)
+    if found is not None and not config.resume:
+        raise ConfigError(f"resume is false but {config.output_dir} already holds checkpoints (newest "
+                          f"{found.name}): set resume=true to continue, or choose another output_dir")
+    return found
+
+
+def _broadcast_path(accelerator: Accelerator, path: Optional[Path]) -> Optional[Path]:
+    if accelerator.num_processes == 1:
+        return path
+    from accelerate.utils import broadcast_object_list
+    box = [str(path) if path else None]
+    broadcast_object_list(box)
+    return Path(box[0]) if box[0] else None
+
+
+def _save(accelerator, config, model, ema, optimizer, scheduler, state) -> None:
+    accelerator.wait_for_everyone()
+    unwrapped = accelerator.unwrap_model(model)
+    if accelerator.is_main_process:
+        path = save_checkpoint(config.output_dir, model=unwrapped, ema_model=ema.model, optimizer=optimizer,
+                               scheduler=scheduler, state=state, keep_last=config.keep_last)
+        log.info("saved %s", path)
+    accelerator.wait_for_everyone()
+
+
+def _export(accelerator: Accelerator, config: TrainConfig, ema: EMA) -> Optional[Path]:
+    """The EMA weights as the run's model (`output_dir/model.safetensors`, loadable by load_model)."""
+    if not accelerator.is_main_process:
+        return None
+    path = config.output_path / "model.safetensors"
+    save_model(path, ema.model)
+    return path
+
+
+def _note_skips(state: TrainerState, batch: SampleBatch) -> None:
+    for path in batch.skipped:
+        if path not in state.skipped:
+            state.skipped.append(path)
+
+
+def _log_metrics(accelerator: Accelerator, config: TrainConfig, state: TrainerState, loss: float, lr: float) -> None:
+    if not accelerator.is_main_process or (state.step % config.log_every and state.step != config.max_steps):
+        return
+    metrics = {"step": state.step, "loss": loss, "lr": lr, "skipped": len(state.skipped)}
+    with open(config.output_path / "metrics.jsonl", "a", encoding="utf-8") as f:
+        f.write(json.dumps(metrics) + "\n")
+    if _has_tensorboard():
+        accelerator.log({k: v for k, v in metrics.items() if k != "step"}, step=state.step)
+
+
+def _has_tensorboard() -> bool:
+    return importlib.util.find_spec("tensorboard") is not None
+
+
+def _on_sigterm(handler):
+    """Install `handler` for SIGTERM (a scheduler stopping the job); only the main thread can."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, handler if handler is not None else signal.SIG_DFL)
+
+
+def _raise_interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+if __name__ == "__main__":
+    main()

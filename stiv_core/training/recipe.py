@@ -1,0 +1,119 @@
+"""One training step's conditioning and loss: the task mixture, condition dropout, MaskDiT.
+
+Every sample of a batch draws a task (which latent frames are given, as in the frame-replacement
+plans of `conditioning.py`), then the image condition is dropped with `image_dropout` (no frame is
+given: no replacement, no frame mask) and, independently, the text with `text_dropout` (the model's
+learned null text). Given frames enter the model as their clean latents and weigh 0 in the loss.
+"""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from .. import flow
+from ..interfaces import TextEmbedding
+from ..model.transformer import STIVTransformer, num_spatial_tokens, sample_keep_index
+from .config import RecipeConfig
+
+
+class Task(str, enum.Enum):
+    T2V = "t2v"                       # nothing given
+    TI2V = "ti2v"                     # the first frame
+    PREDICTION = "prediction"         # the first k frames
+    INTERPOLATION = "interpolation"   # the first and the last frame
+    KEYFRAMES = "keyframes"           # every S-th frame
+
+
+def given_frames(task: Task, num_frames: int, recipe: RecipeConfig) -> list[int]:
+    """Latent frame indices the task gives; never all of them (something must be generated)."""
+    if task == Task.T2V or num_frames == 1:
+        return []
+    if task == Task.TI2V:
+        return [0]
+    if task == Task.PREDICTION:
+        return list(range(min(recipe.prediction_frames, num_frames - 1)))
+    if task == Task.INTERPOLATION:
+        return [0, num_frames - 1] if num_frames > 2 else [0]
+    if task == Task.KEYFRAMES:
+        keys = list(range(0, num_frames, recipe.keyframe_stride))
+        return keys if len(keys) < num_frames else keys[:1]
+    raise ValueError(f"unknown task {task!r}")
+
+
+@dataclass(frozen=True)
+class Conditioning:
+    """What one batch is trained on. tasks: per sample; given `(B, T)` bool after image dropout."""
+
+    tasks: tuple[Task, ...]
+    given: torch.Tensor
+    text_drop: torch.Tensor           # (B,) bool
+    keep_index: Optional[torch.Tensor]  # (B, S_keep) or None (no MaskDiT)
+
+
+def draw_conditioning(batch: int, num_frames: int, num_spatial: int, recipe: RecipeConfig, *,
+                      masked: bool, generator: torch.Generator) -> Conditioning:
+    names = list(recipe.task_weights)
+    weights = torch.tensor([recipe.task_weights[n] for n in names], dtype=torch.float64)
+    picks = torch.multinomial(weights, batch, replacement=True, generator=generator)
+    tasks = tuple(Task(names[i]) for i in picks.tolist())
+    given = torch.zeros(batch, num_frames, dtype=torch.bool)
+    for row, task in enumerate(tasks):
+        given[row, given_frames(task, num_frames, recipe)] = True
+    drop_image = torch.rand(batch, generator=generator) < recipe.image_dropout
+    given[drop_image] = False
+    text_drop = torch.rand(batch, generator=generator) < recipe.text_dropout
+    keep = None
+    if masked:
+        keep = sample_keep_index(batch, num_spatial, keep_ratio=1 - recipe.maskdit_ratio, generator=generator)
+    return Conditioning(tasks, given, text_drop, keep)
+
+
+@dataclass(frozen=True)
+class TrainBatch:
+    """latents `(B, C, T, H, W)` (float32), text fitted to the model, micro `(B, 6)`."""
+
+    latents: torch.Tensor
+    text: TextEmbedding
+    micro: torch.Tensor
+
+
+def masking_active(recipe: RecipeConfig, step: int) -> bool:
+    """MaskDiT until `maskdit_until_step` (exclusive), then the unmasked fine-tune."""
+    return recipe.maskdit_ratio > 0 and (recipe.maskdit_until_step < 0 or step < recipe.maskdit_until_step)
+
+
+def training_loss(model: torch.nn.Module, batch: TrainBatch, recipe: RecipeConfig, *, step: int,
+                  generator: torch.Generator, config=None) -> tuple[torch.Tensor, Conditioning]:
+    """The flow-matching loss of one batch; all randomness comes from `generator` (CPU).
+
+    `model` may be wrapped (DDP/FSDP); `config` is its STIVConfig (taken from `model` if omitted).
+    """
+    config = config or model.config
+    x1 = batch.latents.float()
+    b, _, frames, h, w = x1.shape
+    cond = draw_conditioning(b, frames, num_spatial_tokens(config, h, w), recipe,
+                             masked=masking_active(recipe, step), generator=generator)
+    t = flow.sample_time(b, generator=generator, mean=recipe.time_mean, std=recipe.time_std,
+                         shift=recipe.time_shift)
+    noise = torch.randn(x1.shape, generator=generator)
+    device = x1.device
+    t, noise, given = t.to(device), noise.to(device), cond.given.to(device)
+    x_t = flow.interpolate(x1, noise, t)
+    # Frame replacement: given frames are seen clean, exactly as the sampler shows them.
+    x_in = torch.where(given[:, None, :, None, None], x1, x_t)
+    keep = cond.keep_index.to(device) if cond.keep_index is not None else None
+    out = model(x_in, t, batch.text.tokens, batch.text.mask, batch.text.pooled, batch.micro,
+                frame_mask=given, text_drop=cond.text_drop.to(device), keep_index=keep)
+    velocity = flow.velocity_from_prediction(out.float(), x_in, t, config.prediction)
+    loss = flow.flow_loss(velocity, flow.velocity_target(x1, noise), (~given).float())
+    return loss, cond
+
+
+def frozen_parameter_names(model: STIVTransformer, recipe: RecipeConfig) -> list[str]:
+    """Parameters the recipe keeps fixed: temporal attention in the T2I stage."""
+    if not recipe.freeze_temporal:
+        return []
+    return [name for name, _ in model.named_parameters() if ".temporal_attn." in name]

@@ -1,0 +1,42 @@
+"""Sample videos during training, through the same `generate()` that users call, from the EMA model."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..interfaces import TextEncoder, VideoVAE
+from ..model.transformer import STIVTransformer
+from ..pipeline import GenerationRequest, STIVPipeline, generate
+from ..sampling import SamplerConfig
+from .config import TrainConfig
+
+log = logging.getLogger(__name__)
+
+
+def write_samples(model: STIVTransformer, text_encoder: TextEncoder, vae: VideoVAE, config: TrainConfig,
+                  step: int) -> list[Path]:
+    """One PNG film strip (frames left to right) per prompt in `output_dir/samples/`."""
+    frames, height, width = config.data.buckets[0]
+    pipeline = STIVPipeline(model.eval(), text_encoder, vae)
+    out_dir = config.output_path / "samples"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, prompt in enumerate(config.sample_prompts):
+        request = GenerationRequest(prompt, frames, height * vae.spatial_factor, width * vae.spatial_factor,
+                                    seed=config.seed + i, sampler=SamplerConfig(steps=config.sample_steps))
+        pixels = generate(pipeline, request)[0]  # (3, T, H, W) in [-1, 1]
+        paths.append(save_strip(pixels, out_dir / f"step_{step:08d}_{i}.png"))
+    log.info("wrote %d sample videos for step %d", len(paths), step)
+    return paths
+
+
+def save_strip(pixels: torch.Tensor, path: Path) -> Path:
+    """`(3, T, H, W)` in [-1, 1] -> one `H x (T*W)` PNG."""
+    strip = pixels.permute(2, 1, 3, 0).flatten(1, 2)  # (H, T*W, 3)
+    array = ((strip.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
+    Image.fromarray(np.ascontiguousarray(array)).save(path)
+    return path
