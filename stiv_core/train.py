@@ -151,6 +151,8 @@ def train_step(accelerator: Accelerator, model, optimizer, scheduler, batch: Tra
                config: TrainConfig, step: int) -> float:
     """One optimizer step. Its randomness is a function of (seed, step, rank): resumable exactly."""
     generator = torch.Generator().manual_seed(mix_seed(config.seed, step, accelerator.process_index, 4))
+    # Code that draws from the global RNG (a dropout layer, a library) is then exact on resume too.
+    torch.manual_seed(mix_seed(config.seed, step, accelerator.process_index, 5))
     model.train()
     with accelerator.autocast():
         loss, _ = training_loss(model, batch, config.recipe, step=step, generator=generator, config=config.model)
