@@ -1,6 +1,9 @@
 """The trainer end to end on a tiny model: loss goes down, the EMA model is exported, logs, samples."""
 import json
 
+import av
+import numpy as np
+
 import torch
 
 from stiv_core.checkpoint import load_model
@@ -35,3 +38,26 @@ def test_sample_videos_and_stand_in_mismatch(tmp_path):
     train(config)
     strips = sorted((tmp_path / "samples").glob("*.png"))
     assert [p.name for p in strips] == ["step_00000002_0.png"]
+
+
+def test_training_on_a_video_folder_counts_skipped_files(tmp_path):
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    for name, frames in (("a", 6), ("b", 6)):
+        with av.open(str(videos / f"{name}.mp4"), "w") as container:
+            stream = container.add_stream("mpeg4", rate=8)
+            stream.width, stream.height, stream.pix_fmt = 32, 24, "yuv420p"
+            for i in range(frames):
+                image = np.full((24, 32, 3), 20 * i, dtype=np.uint8)
+                container.mux(stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")))
+            container.mux(stream.encode(None))
+        (videos / f"{name}.txt").write_text(f"clip {name}")
+    (videos / "corrupt.mp4").write_bytes(b"not a video at all" * 20)
+    (videos / "corrupt.txt").write_text("corrupt")
+    config = load_config(None, TINY + [f"output_dir={tmp_path / 'run'}", "max_steps=3", "data.kind=video_folder",
+                                       f"data.path={videos}", "batch_size=3"])
+    result = train(config)  # every batch of 3 from 3 entries meets the corrupt file: never fatal
+    assert result.step == 3
+    assert result.skipped == [str(videos / "corrupt.mp4")]
+    logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert logged[-1]["skipped"] == 1

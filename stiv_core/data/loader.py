@@ -59,6 +59,9 @@ class PositionSampler(Sampler):
 
 
 def build_dataset(config: DataConfig) -> Dataset:
+    from .cache import CachedDataset, has_shards
+    if config.cache_dir and has_shards(config.cache_dir):  # pre-encoded: no decoding, no encoders
+        return CachedDataset(config.cache_dir)
     if config.kind == DataKind.SQUARES:
         from .squares import MovingSquares
         return MovingSquares(config.num_samples, frame_strides=config.frame_strides)
@@ -69,7 +72,6 @@ def build_dataset(config: DataConfig) -> Dataset:
         from .folders import ImageFolder
         return ImageFolder(config.path, random_crop=config.random_crop)
     if config.kind == DataKind.CACHE:
-        from .cache import CachedDataset
         return CachedDataset(config.path)
     raise ValueError(f"unknown data kind {config.kind!r}")
 
