@@ -1,0 +1,254 @@
+"""shapes-bench: the automatic evaluator of the procedural domain (`stiv_core.data.shapes`).
+
+Each frame is segmented by colour (the background is the frame's median colour; the object is what
+differs from it), the object's colour, shape and centre are named, and the centre track gives the
+direction of motion (on the torus the domain lives on). Over a prompt set it scores T2V (colour,
+shape, direction, background), TI2V (frame-0 PSNR, direction), interpolation (endpoint PSNR, monotone
+path), long videos (colour drift first -> last keyframe), motion and smoothness, and seconds/video.
+"""
+from __future__ import annotations
+
+import math
+import time
+from collections import Counter
+from dataclasses import dataclass
+from statistics import mean
+from typing import Optional, Protocol, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .data.shapes import (BACKGROUNDS, COLORS, DIRECTIONS, SHAPES, all_combinations, held_out,
+                          parse_caption, random_params, render, shape_mask)
+from .pipeline import FrameCondition
+
+OBJECT_THRESHOLD = 0.2   # RGB distance (0..1 units) from the background that counts as object
+MIN_AREA_FRACTION = 0.004
+AREA_FACTOR = {"circle": math.pi, "square": 1.6 ** 2, "triangle": 3 * math.sqrt(3) / 4}  # area / r^2
+PSNR_CAP = 100.0
+
+
+@dataclass(frozen=True)
+class Detection:
+    """What one frame shows; `found` is False when no object stands out from the background."""
+
+    found: bool
+    background: str
+    color: Optional[str] = None
+    shape: Optional[str] = None
+    centre: Optional[tuple[float, float]] = None  # (x, y) pixels
+    rgb: Optional[tuple[float, float, float]] = None
+
+
+def _nearest(rgb: torch.Tensor, palette: dict[str, tuple[float, float, float]]) -> str:
+    names = list(palette)
+    distances = (torch.tensor([palette[n] for n in names]) - rgb).norm(dim=1)
+    return names[int(distances.argmin())]
+
+
+def _circular_mean(coords: torch.Tensor, period: int) -> float:
+    angle = coords * (2 * math.pi / period)
+    return (math.atan2(angle.sin().mean().item(), angle.cos().mean().item()) % (2 * math.pi)) * period / (2 * math.pi)
+
+
+def detect(frame: torch.Tensor) -> Detection:
+    """Segment one frame `(3, H, W)` in [-1, 1]."""
+    rgb = (frame.float().clamp(-1, 1) + 1) / 2
+    _, h, w = rgb.shape
+    pixels = rgb.reshape(3, -1).T                                       # (H*W, 3)
+    bg = pixels.median(dim=0).values
+    mask = _majority_filter(((pixels - bg).norm(dim=1) > OBJECT_THRESHOLD).view(h, w)).flatten()
+    background = _nearest(bg, BACKGROUNDS)
+    if mask.sum() < MIN_AREA_FRACTION * h * w:
+        return Detection(False, background)
+    ys, xs = torch.div(mask.nonzero()[:, 0], w, rounding_mode="floor").float() + 0.5, \
+        (mask.nonzero()[:, 0] % w).float() + 0.5
+    cx, cy = _circular_mean(xs, w), _circular_mean(ys, h)
+    color_rgb = pixels[mask].median(dim=0).values
+    return Detection(True, background, _nearest(color_rgb, COLORS), _classify_shape(mask.view(h, w), cx, cy),
+                     (cx, cy), tuple(color_rgb.tolist()))
+
+
+def _majority_filter(mask: torch.Tensor) -> torch.Tensor:
+    """Each pixel takes the majority of its 3x3 neighbourhood (wrapping): drops speckle noise."""
+    padded = F.pad(mask.float()[None, None], (1, 1, 1, 1), mode="circular")
+    return F.avg_pool2d(padded, 3, stride=1)[0, 0] > 0.5
+
+
+def _classify_shape(mask: torch.Tensor, cx: float, cy: float) -> str:
+    """The shape whose template (same centre and area) overlaps the mask best (IoU)."""
+    h, w = mask.shape
+    ys = torch.arange(h, dtype=torch.float32)[:, None] + 0.5
+    xs = torch.arange(w, dtype=torch.float32)[None, :] + 0.5
+    dx = torch.remainder(xs - cx + w / 2, w) - w / 2
+    dy = torch.remainder(ys - cy + h / 2, h) - h / 2
+    area = mask.sum().item()
+    best, best_iou = SHAPES[0], -1.0
+    for shape in SHAPES:
+        template = shape_mask(shape, dx, dy, math.sqrt(area / AREA_FACTOR[shape]))
+        iou = (template & mask).sum().item() / max(1, (template | mask).sum().item())
+        if iou > best_iou:
+            best, best_iou = shape, iou
+    return best
+
+
+def track(video: torch.Tensor) -> list[Detection]:
+    """Detections for every frame of `(3, T, H, W)`."""
+    return [detect(video[:, t]) for t in range(video.shape[1])]
+
+
+def displacements(detections: Sequence[Detection], height: int, width: int) -> list[tuple[float, float]]:
+    """Per-frame centre moves (dx, dy), wrapped to the shortest move on the torus."""
+    wrap = lambda d, n: (d + n / 2) % n - n / 2
+    found = [d.centre for d in detections if d.found]
+    return [(wrap(b[0] - a[0], width), wrap(b[1] - a[1], height)) for a, b in zip(found, found[1:])]
+
+
+def direction_of(detections: Sequence[Detection], height: int, width: int, min_speed: float = 0.2) -> Optional[str]:
+    """The named direction closest to the mean motion; None if the object barely moves."""
+    moves = displacements(detections, height, width)
+    if not moves:
+        return None
+    vx, vy = mean(m[0] for m in moves), mean(m[1] for m in moves)
+    if math.hypot(vx, vy) < min_speed:
+        return None
+    return max(DIRECTIONS, key=lambda name: vx * DIRECTIONS[name][0] + vy * DIRECTIONS[name][1])
+
+
+def majority(values: Sequence[Optional[str]]) -> Optional[str]:
+    values = [v for v in values if v is not None]
+    return Counter(values).most_common(1)[0][0] if values else None
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    """PSNR in dB of two images/videos in [-1, 1] (measured on [0, 1]); capped at PSNR_CAP."""
+    mse = (((a.float().clamp(-1, 1) - b.float().clamp(-1, 1)) / 2) ** 2).mean().item()
+    return PSNR_CAP if mse == 0 else min(PSNR_CAP, 10 * math.log10(1 / mse))
+
+
+def monotone(detections: Sequence[Detection], height: int, width: int, tolerance: float = 0.5) -> bool:
+    """True if the object never moves backwards along its overall direction (by > tolerance px)."""
+    moves = displacements(detections, height, width)
+    if not moves:
+        return False
+    total = (sum(m[0] for m in moves), sum(m[1] for m in moves))
+    norm = math.hypot(*total) or 1.0
+    return all((m[0] * total[0] + m[1] * total[1]) / norm >= -tolerance for m in moves)
+
+
+class VideoModel(Protocol):
+    """What the bench runs: videos `(3, T, H, W)` in [-1, 1] for a caption."""
+
+    def generate(self, caption: str, *, num_frames: int, seed: int,
+                 condition: Optional[FrameCondition] = None) -> torch.Tensor:
+        ...
+
+    def generate_long(self, caption: str, *, keyframes: int, stride: int, seed: int) -> torch.Tensor:
+        ...
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    num_frames: int = 16
+    height: int = 32
+    width: int = 32
+    keyframes: int = 8     # long video: (keyframes - 1) * stride + 1 frames
+    stride: int = 15
+    seed: int = 0
+    tasks: tuple[str, ...] = ("t2v", "ti2v", "interp", "long")
+
+
+def heldout_prompts() -> list[str]:
+    """Captions of every combination held out of training."""
+    return [f"a {c} {s} moving {d} on a {b} background" for c, s, d, b in all_combinations() if held_out((c, s, d, b))]
+
+
+def ground_truth(caption: str, num_frames: int, config: BenchConfig, seed: int) -> torch.Tensor:
+    """The domain's own clip for a caption: what a perfect model could make (seeded)."""
+    params = random_params(torch.Generator().manual_seed(seed), parse_caption(caption).combination)
+    return render(params, num_frames, config.height, config.width)
+
+
+class GroundTruthModel:
+    """Renders the true clip: the evaluator's self-check (it must score ~100%)."""
+
+    def __init__(self, config: BenchConfig):
+        self.config = config
+
+    def generate(self, caption, *, num_frames, seed, condition=None):
+        return ground_truth(caption, num_frames, self.config, seed)
+
+    def generate_long(self, caption, *, keyframes, stride, seed):
+        return ground_truth(caption, (keyframes - 1) * stride + 1, self.config, seed)
+
+
+def _t2v(model: VideoModel, caption: str, config: BenchConfig, seed: int) -> dict[str, float]:
+    want = parse_caption(caption)
+    start = time.perf_counter()
+    video = model.generate(caption, num_frames=config.num_frames, seed=seed)
+    seconds = time.perf_counter() - start
+    dets = track(video)
+    moves = displacements(dets, config.height, config.width)
+    speeds = [math.hypot(*m) for m in moves]
+    accel = [math.hypot(b[0] - a[0], b[1] - a[1]) for a, b in zip(moves, moves[1:])]
+    return {"color_acc": majority([d.color for d in dets]) == want.color,
+            "shape_acc": majority([d.shape for d in dets]) == want.shape,
+            "background_acc": majority([d.background for d in dets]) == want.background,
+            "direction_acc": direction_of(dets, config.height, config.width) == want.direction,
+            "motion": mean(speeds) if speeds else 0.0, "smoothness": mean(accel) if accel else 0.0,
+            "seconds": seconds}
+
+
+def _ti2v(model: VideoModel, caption: str, config: BenchConfig, seed: int) -> dict[str, float]:
+    truth = ground_truth(caption, config.num_frames, config, seed)
+    condition = FrameCondition(truth[None, :, :1], (0,))
+    video = model.generate(caption, num_frames=config.num_frames, seed=seed, condition=condition)
+    direction = direction_of(track(video), config.height, config.width)
+    return {"frame0_psnr": psnr(video[:, 0], truth[:, 0]),
+            "direction_acc": direction == parse_caption(caption).direction}
+
+
+def _interp(model: VideoModel, caption: str, config: BenchConfig, seed: int) -> dict[str, float]:
+    truth = ground_truth(caption, config.num_frames, config, seed)
+    last = config.num_frames - 1
+    condition = FrameCondition(truth[None, :, [0, last]], (0, last))
+    video = model.generate(caption, num_frames=config.num_frames, seed=seed, condition=condition)
+    return {"endpoint_psnr": mean([psnr(video[:, 0], truth[:, 0]), psnr(video[:, last], truth[:, last])]),
+            "monotone_rate": monotone(track(video), config.height, config.width)}
+
+
+def _long(model: VideoModel, caption: str, config: BenchConfig, seed: int) -> dict[str, float]:
+    video = model.generate_long(caption, keyframes=config.keyframes, stride=config.stride, seed=seed)
+    first, last = detect(video[:, 0]), detect(video[:, -1])
+    drift = 1.0 if not (first.found and last.found) else \
+        mean(abs(a - b) for a, b in zip(first.rgb, last.rgb))
+    return {"color_drift": drift, "color_kept": last.found and last.color == parse_caption(caption).color,
+            "frames": float(video.shape[1])}
+
+
+TASKS = {"t2v": _t2v, "ti2v": _ti2v, "interp": _interp, "long": _long}
+
+
+def run_bench(model: VideoModel, prompts: Sequence[str], config: BenchConfig = BenchConfig()) -> dict[str, dict[str, float]]:
+    """Mean of every metric per task over `prompts` (accuracies as fractions 0..1)."""
+    for caption in prompts:
+        parse_caption(caption)  # a prompt outside the domain fails before any generation
+    results: dict[str, dict[str, float]] = {}
+    for task in config.tasks:
+        if task not in TASKS:
+            raise ValueError(f"unknown task {task!r}; choose from {sorted(TASKS)}")
+        rows = [TASKS[task](model, caption, config, config.seed + i) for i, caption in enumerate(prompts)]
+        results[task] = {key: float(mean(float(row[key]) for row in rows)) for key in rows[0]}
+    if "t2v" in results:
+        results["seconds_per_video"] = results["t2v"].pop("seconds")
+    return results
+
+
+def format_table(results: dict) -> str:
+    lines = [f"{'metric':<28} {'value':>10}", "-" * 39]
+    for task, metrics in results.items():
+        if isinstance(metrics, dict):
+            lines += [f"{task + '.' + key:<28} {value:>10.3f}" for key, value in metrics.items()]
+        else:
+            lines.append(f"{task:<28} {metrics:>10.3f}")
+    return "\n".join(lines)

@@ -1,0 +1,70 @@
+"""shapes-bench scores ground truth ~100% and catches wrong colours, shapes and directions."""
+import dataclasses
+
+import torch
+
+from stiv_core.data.shapes import parse_caption, random_params, render
+from stiv_core.evaluate import (BenchConfig, GroundTruthModel, detect, direction_of, ground_truth, heldout_prompts,
+                                psnr, run_bench, track)
+
+PROMPTS = heldout_prompts()[:12]
+
+
+def test_ground_truth_scores_full_marks():
+    config = BenchConfig(keyframes=4, stride=15)
+    r = run_bench(GroundTruthModel(config), PROMPTS, config)
+    for key in ("color_acc", "shape_acc", "direction_acc", "background_acc"):
+        assert r["t2v"][key] == 1.0, key
+    assert r["ti2v"]["frame0_psnr"] >= 99 and r["ti2v"]["direction_acc"] == 1.0
+    assert r["interp"]["endpoint_psnr"] >= 99 and r["interp"]["monotone_rate"] == 1.0
+    assert r["long"]["color_drift"] == 0.0 and r["long"]["color_kept"] == 1.0 and r["long"]["frames"] == 46
+    assert r["t2v"]["motion"] > 0.5 and r["seconds_per_video"] >= 0
+
+
+def test_ground_truth_with_noise_still_reads_right():
+    config = BenchConfig(tasks=("t2v",))
+    g = torch.Generator().manual_seed(0)
+
+    class Noisy(GroundTruthModel):
+        def generate(self, caption, **kw):
+            clip = super().generate(caption, **kw)
+            return (clip + 0.15 * torch.randn(clip.shape, generator=g)).clamp(-1, 1)
+
+    r = run_bench(Noisy(config), PROMPTS, config)["t2v"]
+    assert min(r["color_acc"], r["shape_acc"], r["direction_acc"], r["background_acc"]) >= 0.9
+
+
+def test_wrong_videos_score_zero():
+    swap = {"color": {"red": "green", "green": "red", "blue": "yellow", "yellow": "blue", "purple": "orange",
+                      "orange": "purple", "white": "red", "black": "red"},
+            "shape": {"circle": "square", "square": "triangle", "triangle": "circle"},
+            "direction": {"left": "right", "right": "left", "up": "down", "down": "up"}}
+    config = BenchConfig(tasks=("t2v",))
+
+    def wrong(caption, key):
+        params = random_params(torch.Generator().manual_seed(0), parse_caption(caption).combination)
+        value = swap[key][getattr(params, key)]
+        if key == "color" and value == params.background:
+            value = "orange" if value != "orange" else "green"
+        return render(dataclasses.replace(params, **{key: value}), 16, 32, 32)
+
+    for key in swap:
+        class Wrong(GroundTruthModel):
+            def generate(self, caption, **kw):
+                return wrong(caption, key)
+        r = run_bench(Wrong(config), PROMPTS, config)["t2v"]
+        assert r[f"{key}_acc"] == 0.0, key
+
+
+def test_static_or_empty_videos_have_no_direction():
+    config = BenchConfig()
+    clip = ground_truth(PROMPTS[0], 16, config, seed=0)
+    static = clip[:, :1].expand_as(clip)
+    assert direction_of(track(static), 32, 32) is None
+    assert not detect(torch.full((3, 32, 32), -0.2)).found
+
+
+def test_psnr_matches_its_formula():
+    a = torch.zeros(3, 4, 4)
+    b = a + 0.2  # 0.1 on [0, 1]: mse 0.01 -> 20 dB
+    assert abs(psnr(a, b) - 20.0) < 1e-4 and psnr(a, a) == 100.0
