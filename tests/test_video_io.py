@@ -1,0 +1,63 @@
+"""Video and image IO: every output format round-trips, bad paths and extensions are clear errors."""
+import logging
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from stiv_core.data.shapes import ShapeParams, render
+from stiv_core.evaluate import psnr
+from stiv_core.video_io import output_kind, read_image, read_video, write_video
+
+CLIP = render(ShapeParams("circle", "red", "blue", "left"), 6, 32, 32)
+
+
+# Bounds: 8-bit quantisation alone gives ~57 dB (lossless WebP); GIF palettes cost a little; mp4 is
+# lossy: yuv420p halves the chroma resolution, which costs sharp colour edges at 32 px.
+@pytest.mark.parametrize("name,min_psnr", [("clip.gif", 40), ("clip.webp", 50), ("clip.mp4", 24)])
+def test_videos_round_trip(tmp_path, name, min_psnr):
+    path = write_video(tmp_path / name, CLIP, fps=8)
+    back = read_video(path)
+    assert back.shape == CLIP.shape
+    assert psnr(back, CLIP) >= min_psnr
+
+
+def test_png_folder_and_upscale(tmp_path):
+    folder = write_video(tmp_path / "frames", CLIP, upscale=4)
+    files = sorted(folder.glob("*.png"))
+    assert len(files) == 6
+    frame = np.asarray(Image.open(files[2]))
+    assert frame.shape == (128, 128, 3)
+    expected = ((CLIP[:, 2] + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
+    assert np.array_equal(frame[::4, ::4], expected)
+
+
+def test_mp4_is_h264_and_odd_sizes_are_padded(tmp_path):
+    import av
+
+    path = write_video(tmp_path / "odd.mp4", render(ShapeParams("square", "green", "gray", "up"), 4, 30, 30)[:, :, :29])
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        assert stream.codec_context.name == "h264" and (stream.width, stream.height) == (30, 30)
+
+
+def test_unsupported_extension_lists_the_supported_ones():
+    with pytest.raises(ValueError, match=r"\.mp4, \.gif, \.webp"):
+        output_kind("clip.avi")
+    assert output_kind("out/") == "png" and output_kind("out") == "png"
+
+
+def test_images_of_another_size_are_fitted_with_a_warning(tmp_path, caplog):
+    image = np.zeros((40, 80, 3), np.uint8)
+    image[:, 20:60] = 255  # a white square in the middle, black bars on the sides
+    Image.fromarray(image).save(tmp_path / "wide.png")
+    with caplog.at_level(logging.WARNING):
+        pixels = read_image(tmp_path / "wide.png", 32, 32)
+    assert "resized" in caplog.text and pixels.shape == (3, 32, 32)
+    assert pixels.min() > 0.9  # the centre crop kept only the white part
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        read_image(tmp_path / "missing.png", 32, 32)
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    with pytest.raises(ValueError, match="not an image"):
+        read_image(tmp_path / "bad.png", 32, 32)
