@@ -164,3 +164,34 @@ def long_video_latents(pipeline: STIVPipeline, request: GenerationRequest, *, ke
         windows.append(window[:, :, 1:])  # its first frame is the previous window's last
     return torch.cat(windows, dim=2)
 
+
+
+def temporal_upsample_latents(pipeline: STIVPipeline, request: GenerationRequest, latents: torch.Tensor, *,
+                              callback: Optional[StepCallback] = None) -> torch.Tensor:
+    """The paper's TUP: double the frame rate of `latents` `(B, C, T, h, w)` -> `2T - 1` frames.
+
+    The given frames stay exactly at the even indices; every odd frame is in-filled by the keyframe
+    plan at stride 2, in windows of `request.num_frames` (even) frames that overlap by two, so every new
+    frame is made with both of its neighbours in view. Window i uses seed `request.seed + i`.
+    """
+    t = latents.shape[2]
+    length = 2 * t - 1
+    pt = pipeline.model.config.temporal_patch
+    window = min(request.num_frames, length + 1)
+    window -= window % 2
+    if window < 2 or window % pt:
+        raise ValueError(f"temporal upsampling needs an even window that is a multiple of the temporal patch "
+                         f"{pt}; got {request.num_frames} frames for a {t}-frame video")
+    starts = list(range(0, length - 1 - (window - 2), window - 2)) or [0]
+    if starts[-1] + window - 2 < length - 1:
+        starts.append(length - 1 - (window - 2))  # the last window ends on the last given frame
+    pieces, done = [], 0
+    for i, start in enumerate(starts):
+        keys = latents[:, :, start // 2 : start // 2 + window // 2]
+        plan = FrameReplacementPlan.keyframes(keys, window, stride=2)
+        out = pipeline.sample_latents(replace(request, num_frames=window, condition=None, seed=request.seed + i),
+                                      plan=plan, callback=callback)
+        end = length if i == len(starts) - 1 else start + window - 2
+        pieces.append(out[:, :, done - start : end - start])
+        done = end
+    return torch.cat(pieces, dim=2)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from stiv_core.pipeline import (FrameCondition, GenerationRequest, generate, generate_long,
-                                long_video_latents, seeded_noise)
+                                long_video_latents, seeded_noise, temporal_upsample_latents)
 from stiv_core.sampling import GuidanceConfig, SamplerConfig
 from tests.fakes import tiny_pipeline
 
@@ -96,3 +96,19 @@ def test_negative_prompt_changes_the_result():
     pipe = tiny_pipeline()
     base = generate(pipe, request())
     assert not torch.allclose(base, generate(pipe, replace(request(), negative_prompt="blurry static")))
+
+
+@pytest.mark.parametrize("frames", [2, 3, 5, 9])
+def test_temporal_upsample_doubles_the_frame_rate_keeping_every_frame(frames):
+    pipe = tiny_pipeline()
+    latents = torch.randn(1, 12, frames, 4, 4, generator=torch.Generator().manual_seed(frames))
+    up = temporal_upsample_latents(pipe, request(num_frames=6), latents)
+    assert up.shape[2] == 2 * frames - 1
+    assert torch.equal(up[:, :, ::2], latents)
+    assert not torch.allclose(up[:, :, 1::2], torch.zeros_like(up[:, :, 1::2]))
+
+
+def test_temporal_upsample_refuses_a_window_the_patch_cannot_take():
+    pipe = tiny_pipeline(temporal_patch=4)
+    with pytest.raises(ValueError, match="temporal patch 4"):
+        temporal_upsample_latents(pipe, request(num_frames=6), torch.randn(1, 12, 5, 4, 4))
