@@ -2,3 +2,11 @@
 with prefetch (hooks), the memory planner, and `apply_memory_options`, the one entry point used by the
 CLI, the Loader node and the trainer.
 """
+from .options import MemoryHandle, MemoryOptions, WontFitError, apply_memory_options, compile_blocks
+from .planner import Budget, MemoryPlan, RunShape, VAEProfile, plan_memory
+from .quant import FP8Format, QuantConfig, QuantMode, ScaleGranularity, quantize_blocks
+from .swap import BlockSwapper
+
+__all__ = ["BlockSwapper", "Budget", "FP8Format", "MemoryHandle", "MemoryOptions", "MemoryPlan", "QuantConfig",
+           "QuantMode", "RunShape", "ScaleGranularity", "VAEProfile", "WontFitError", "apply_memory_options",
+           "compile_blocks", "plan_memory", "quantize_blocks"]

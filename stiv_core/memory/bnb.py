@@ -133,8 +133,10 @@ class NF4Linear(nn.Module):
 
 
 def bnb_factory(config: QuantConfig) -> Callable[[nn.Linear], nn.Module]:
-    """Builds Int8Linear / NF4Linear from an `nn.Linear` (quantized on the Linear's device)."""
-    import bitsandbytes.functional as bf
+    """Builds Int8Linear / NF4Linear from an `nn.Linear` (quantized on the Linear's device).
+
+    On the meta device (planning, loading a quantized file) bitsandbytes is not needed.
+    """
 
     def build(linear: nn.Linear) -> nn.Module:
         out_f, in_f = linear.weight.shape
@@ -145,6 +147,8 @@ def bnb_factory(config: QuantConfig) -> Callable[[nn.Linear], nn.Module]:
             module = NF4Linear(in_f, out_f, block_size=config.block_size, **kw)
         if linear.weight.is_meta:
             return module
+        import bitsandbytes.functional as bf
+
         w = linear.weight.detach().float()
         if config.mode is QuantMode.INT8:
             # bitsandbytes' row-wise absmax format (CB, SCB), computed in float32: its own
