@@ -61,3 +61,12 @@ def test_training_on_a_video_folder_counts_skipped_files(tmp_path):
     assert result.skipped == [str(videos / "corrupt.mp4")]
     logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert logged[-1]["skipped"] == 1
+
+
+def test_bf16_gradient_checkpointing_and_adamw_train(tmp_path):
+    config = load_config(None, TINY + [f"output_dir={tmp_path}", "max_steps=2", "mixed_precision=bf16",
+                                       "gradient_checkpointing=true", "optim.name=adamw", "optim.warmup_steps=0"])
+    result = train(config)
+    assert result.step == 2 and all(0 < loss < 10 for loss in result.losses)
+    trained = load_model(tmp_path / "checkpoints" / "step_00000002" / "model.safetensors")
+    assert trained.final_linear.weight.abs().sum() > 0  # zero-initialised, so it moved
