@@ -33,6 +33,7 @@ from typing import Optional, Sequence
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from tqdm.auto import tqdm
 
 from .checkpoint import save_model
@@ -81,6 +82,16 @@ def train(config: TrainConfig) -> TrainResult:
     accelerator = Accelerator(mixed_precision=config.mixed_precision.value,
                               log_with="tensorboard" if _has_tensorboard() else None,
                               project_dir=config.output_dir)
+    try:
+        return run(accelerator, config)
+    finally:
+        accelerator.end_training()
+        # accelerate keeps its settings in a process-wide singleton; clear them (not the process
+        # group) so another train() in this process may use other settings (tests, notebooks).
+        AcceleratorState._reset_state(reset_partial_state=False)
+
+
+def run(accelerator: Accelerator, config: TrainConfig) -> TrainResult:
     config.output_path.mkdir(parents=True, exist_ok=True)
     resume_from = _resume_point(config) if accelerator.is_main_process else None
     resume_from = _broadcast_path(accelerator, resume_from)
@@ -143,7 +154,6 @@ def train(config: TrainConfig) -> TrainResult:
     result.model_path = _export(accelerator, config, ema)
     if state.skipped:
         log.warning("%d unreadable or too-short files were skipped, e.g. %s", len(state.skipped), state.skipped[:3])
-    accelerator.end_training()
     return result
 
 
