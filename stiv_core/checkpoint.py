@@ -21,6 +21,9 @@ from .model.transformer import STIVTransformer
 FORMAT = "stiv"
 CONFIG_KEY = "stiv_config"
 SAFETENSORS_SUFFIXES = (".safetensors", ".sft")
+# Keys of other components a file may carry beside the model (see bundle.py); load_model skips them.
+TEXT_ENCODER_PREFIX = "text_encoder."
+COMPONENT_PREFIXES = (TEXT_ENCODER_PREFIX,)
 
 
 class CheckpointError(ValueError):
@@ -31,7 +34,8 @@ def save_model(path: str | os.PathLike, model: STIVTransformer, *, dtype: Option
                metadata: Optional[Mapping[str, str]] = None) -> None:
     """Write `model`'s weights (optionally cast to `dtype`) and config atomically to `path`."""
     state = {k: v.detach().to(dtype or v.dtype).contiguous().cpu() for k, v in model.state_dict().items()}
-    meta = {"format": FORMAT, CONFIG_KEY: model.config.to_json(), **dict(metadata or {})}
+    # The model's own config wins over a caller's (e.g. copied) metadata: it is what the weights fit.
+    meta = {**dict(metadata or {}), "format": FORMAT, CONFIG_KEY: model.config.to_json()}
     save_state_dict(path, state, meta)
 
 
@@ -88,12 +92,14 @@ def load_model(path: str | os.PathLike, *, config: Optional[STIVConfig] = None, 
                dtype: Optional[torch.dtype] = None,
                attention_backend: AttentionBackend = AttentionBackend.SDPA) -> STIVTransformer:
     """The model stored at `path` on `device` (in the stored dtype unless `dtype` is given), in eval mode."""
+    read_metadata(path)  # a CheckpointError for a pickle, corrupt or truncated file, config given or not
     config = config or load_config(path)
     with torch.device("meta"):
         model = STIVTransformer(config, attention_backend=attention_backend)
     with safe_open(str(check_safetensors(path)), framework="pt", device="cpu") as f:
-        check_keys(model, {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}, Path(path).name)
-        state = {key: f.get_tensor(key).to(device=device, dtype=dtype) for key in f.keys()}
+        keys = [key for key in f.keys() if not key.startswith(COMPONENT_PREFIXES)]
+        check_keys(model, {key: tuple(f.get_slice(key).get_shape()) for key in keys}, Path(path).name)
+        state = {key: f.get_tensor(key).to(device=device, dtype=dtype) for key in keys}
         model.load_state_dict(state, assign=True)
     return model.eval().requires_grad_(False)
 

@@ -39,10 +39,14 @@ from tqdm.auto import tqdm
 from .checkpoint import save_model
 from .data.loader import build_dataset, build_loader, mix_seed
 from .data.sample import SampleBatch
-from .data.stand_ins import HashedTextEncoder, IdentityVAE
+from .bundle import SamplingDefaults, save_bundle
+from .data.shapes import VOCABULARY
+from .data.stand_ins import HashedTextEncoder
+from .encoders.pixel import PixelVAE
+from .encoders.words import WordTextEncoder
 from .interfaces import TextEncoder, VideoVAE
 from .model.transformer import STIVTransformer
-from .training.config import ConfigError, TrainConfig, load_config
+from .training.config import ConfigError, TextEncoderKind, TrainConfig, load_config
 from .training.ema import EMA
 from .training.init import initialize
 from .training.optim import build_optimizer, build_scheduler
@@ -151,7 +155,7 @@ def run(accelerator: Accelerator, config: TrainConfig) -> TrainResult:
     if result.losses:  # a resumed run that was already complete has nothing new to save
         save()
     result.step, result.skipped = state.step, list(state.skipped)
-    result.model_path = _export(accelerator, config, ema)
+    result.model_path = _export(accelerator, config, ema, text_encoder)
     if state.skipped:
         log.warning("%d unreadable or too-short files were skipped, e.g. %s", len(state.skipped), state.skipped[:3])
     return result
@@ -187,12 +191,24 @@ def encode_batch(batch: SampleBatch, text_encoder: TextEncoder, vae: VideoVAE, c
 
 
 def build_encoders(config: TrainConfig) -> tuple[TextEncoder, VideoVAE]:
-    """The stand-in text encoder and pixel VAE; their widths must match the model config."""
+    """The text encoder (hashed stand-in or the built-in word encoder) and the pixel VAE.
+
+    The word encoder is frozen at a seeded random initialisation (the same on resume and on every
+    process); the model's caption projection learns on top of it, and it ships inside the bundle.
+    """
     m = config.model
-    vae = IdentityVAE()
+    vae = PixelVAE()
     if m.latent_channels != vae.latent_channels:
         raise ConfigError(f"model.latent_channels is {m.latent_channels}, but the pixel VAE gives "
                           f"{vae.latent_channels} channels: set model.latent_channels = 3")
+    if config.text_encoder == TextEncoderKind.WORDS:
+        if m.pooled_text_dim != m.text_dim:
+            raise ConfigError(f"model.pooled_text_dim ({m.pooled_text_dim}) must equal model.text_dim "
+                              f"({m.text_dim}) for the word encoder")
+        with torch.random.fork_rng():
+            torch.manual_seed(config.seed)
+            words = WordTextEncoder(VOCABULARY, dim=m.text_dim, max_tokens=m.max_text_tokens)
+        return words.eval().requires_grad_(False), vae
     if m.pooled_text_dim > m.text_dim:
         raise ConfigError(f"model.pooled_text_dim ({m.pooled_text_dim}) must be <= model.text_dim "
                           f"({m.text_dim}) for the hashed text encoder")
@@ -227,12 +243,18 @@ def _save(accelerator, config, model, ema, optimizer, scheduler, state) -> None:
     accelerator.wait_for_everyone()
 
 
-def _export(accelerator: Accelerator, config: TrainConfig, ema: EMA) -> Optional[Path]:
-    """The EMA weights as the run's model (`output_dir/model.safetensors`, loadable by load_model)."""
+def _export(accelerator: Accelerator, config: TrainConfig, ema: EMA, text_encoder: TextEncoder) -> Optional[Path]:
+    """The EMA weights as the run's model (`output_dir/model.safetensors`, loadable by load_model);
+    with the word encoder, a bundle that `python -m stiv_core.generate --model PATH` runs."""
     if not accelerator.is_main_process:
         return None
     path = config.output_path / "model.safetensors"
-    save_model(path, ema.model)
+    if isinstance(text_encoder, WordTextEncoder):
+        frames, height, width = config.data.buckets[0]
+        defaults = SamplingDefaults(num_frames=frames, height=height, width=width, steps=config.sample_steps)
+        save_bundle(path, ema.model, text_encoder, defaults=defaults)
+    else:
+        save_model(path, ema.model)
     return path
 
 

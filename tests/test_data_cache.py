@@ -14,7 +14,7 @@ from stiv_core.training.config import load_config
 CONFIG = str(Path(__file__).resolve().parents[1] / "stiv_core" / "configs" / "tiny.toml")
 TINY = ["model.depth=1", "model.hidden_size=32", "model.num_heads=2", "model.text_dim=16",
         "model.pooled_text_dim=16", "model.max_text_tokens=8", "data.buckets=[[4, 16, 16]]", "batch_size=2",
-        "data.num_samples=5"]
+        "data.num_samples=5", 'data.kind="squares"', 'text_encoder="hashed"', "data.frame_strides=[1]"]
 
 
 def test_cache_round_trip_and_training_uses_it(tmp_path):

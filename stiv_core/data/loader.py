@@ -62,6 +62,9 @@ def build_dataset(config: DataConfig) -> Dataset:
     from .cache import CachedDataset, has_shards
     if config.cache_dir and has_shards(config.cache_dir):  # pre-encoded: no decoding, no encoders
         return CachedDataset(config.cache_dir)
+    if config.kind == DataKind.SHAPES:
+        from .shapes import ShapesDataset
+        return ShapesDataset(config.num_samples, split="train", frame_strides=config.frame_strides)
     if config.kind == DataKind.SQUARES:
         from .squares import MovingSquares
         return MovingSquares(config.num_samples, frame_strides=config.frame_strides)

@@ -31,6 +31,8 @@ DIRECTIONS = {"left": (-1.0, 0.0), "right": (1.0, 0.0), "up": (0.0, -1.0), "down
 SPEEDS = (0.025, 0.035, 0.045)  # fraction of the frame width per original frame
 RADIUS_RANGE = (0.16, 0.24)     # circumradius, fraction of the frame size
 HELD_OUT_EVERY = 8              # about 1 in 8 combinations is never trained on
+# Every word a caption of the domain uses: the built-in text encoder's vocabulary.
+VOCABULARY = tuple(sorted({"a", "moving", "on", "background", *COLORS, *BACKGROUNDS, *SHAPES, *DIRECTIONS}))
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,8 @@
-"""Deterministic stand-ins for the text encoder and the VAE until the built-in model lands.
+"""A deterministic stand-in text encoder for tests and quick runs (the built-in one is encoders/words.py).
 
 `HashedTextEncoder` maps each lower-cased word to a fixed pseudo-random vector (seeded by a stable
 hash of the word), so the same caption always gives the same embedding in any process, with no
-weights to ship. `IdentityVAE` treats pixels as latents (3 channels, factor 1), which is what the
-tiny model trains on.
+weights to ship. It carries no word positions: use the word encoder where word order matters.
 """
 from __future__ import annotations
 
@@ -44,16 +43,3 @@ class HashedTextEncoder:
         count = mask.sum(1, keepdim=True).clamp_min(1)
         pooled = (tokens.sum(1) / count)[:, : self.pooled_dim]
         return TextEmbedding(tokens, mask, pooled)
-
-
-class IdentityVAE:
-    """Follows the VideoVAE protocol: latents are the pixels themselves."""
-
-    latent_channels = 3
-    spatial_factor = 1
-
-    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
-        return pixels
-
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        return latents

@@ -34,10 +34,16 @@ class MixedPrecision(str, enum.Enum):
 
 
 class DataKind(str, enum.Enum):
-    SQUARES = "squares"            # synthetic moving squares (stand-in for the procedural domain)
+    SHAPES = "shapes"              # the procedural domain of the built-in model (data/shapes.py)
+    SQUARES = "squares"            # synthetic moving squares (a tiny, fast stand-in for tests)
     VIDEO_FOLDER = "video_folder"  # clip.mp4 + clip.txt, or metadata.jsonl / metadata.csv
     IMAGE_FOLDER = "image_folder"  # image + .txt caption: 1-frame samples for the T2I stage
     CACHE = "cache"                # pre-encoded latent/text shards (python -m stiv_core.data.cache)
+
+
+class TextEncoderKind(str, enum.Enum):
+    HASHED = "hashed"  # a fixed random vector per word, no position (tests, stand-ins)
+    WORDS = "words"    # the built-in word-level encoder (with positions), shipped in the model bundle
 
 
 class InitKind(str, enum.Enum):
@@ -113,7 +119,7 @@ class DataConfig:
     buckets: tuple[tuple[int, int, int], ...] = ((8, 32, 32),)  # (frames, height, width) in pixels
     frame_strides: tuple[int, ...] = (1,)   # sampled per clip, recorded as the stride micro-condition
     random_crop: bool = True            # False = centre crop
-    num_samples: int = 64               # squares only: clips in the synthetic set
+    num_samples: int = 64               # shapes / squares: clips in the procedural set
     num_workers: int = 0
     cache_dir: str = ""                 # used instead of decoding when it holds shards
 
@@ -162,6 +168,7 @@ class TrainConfig:
     sample_steps: int = 20
     mixed_precision: MixedPrecision = MixedPrecision.NO
     gradient_checkpointing: bool = False
+    text_encoder: TextEncoderKind = TextEncoderKind.HASHED
     optim: OptimConfig = field(default_factory=OptimConfig)
     recipe: RecipeConfig = field(default_factory=RecipeConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -169,6 +176,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         _coerce_enum(self, "mixed_precision", MixedPrecision)
+        _coerce_enum(self, "text_encoder", TextEncoderKind)
         _need(bool(self.output_dir), "output_dir", "must be a folder path", self.output_dir)
         for key in ("max_steps", "batch_size", "checkpoint_every", "keep_last", "log_every", "sample_steps"):
             _need(getattr(self, key) >= 1, key, "must be >= 1", getattr(self, key))

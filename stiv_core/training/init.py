@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from ..checkpoint import check_keys, check_safetensors, load_config
+from ..checkpoint import COMPONENT_PREFIXES, check_keys, check_safetensors, load_config
 from ..model.transformer import STIVTransformer, inflate_patch_embed
 from .config import InitConfig, InitKind
 
@@ -89,4 +89,6 @@ def rope_scale_for(source_grid: tuple[int, int, int], target_grid: tuple[int, in
 
 
 def _read(path: str) -> dict[str, torch.Tensor]:
-    return load_file(str(check_safetensors(path)))
+    """The model's tensors of a checkpoint or bundle (other components' keys left out), as float32."""
+    state = load_file(str(check_safetensors(path)))
+    return {k: v.float() for k, v in state.items() if not k.startswith(COMPONENT_PREFIXES)}

@@ -1,0 +1,89 @@
+"""A model with the text encoder and VAE it was trained with, in ONE safetensors file.
+
+The transformer's weights are stored under their own names, the built-in word encoder's under
+`text_encoder.` (its vocabulary in the metadata), and the metadata names the VAE and the size the
+model was trained at (the CLI's defaults). `load_pipeline("tiny")` loads the built-in model that
+ships in `stiv_core/weights/`.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Mapping, Optional
+
+import torch
+from safetensors import safe_open
+
+from .checkpoint import CheckpointError, check_safetensors, load_model, read_metadata, save_state_dict
+from .checkpoint import CONFIG_KEY, FORMAT, TEXT_ENCODER_PREFIX
+from .encoders.pixel import PixelVAE
+from .encoders.words import VOCAB_KEY, WordTextEncoder
+from .model.transformer import STIVTransformer
+from .pipeline import STIVPipeline
+
+BUILTIN_MODELS = {"tiny": Path(__file__).resolve().parent / "weights" / "stiv_tiny.safetensors"}
+VAE_KEY, DEFAULTS_KEY = "vae", "sampling_defaults"
+SUPPORTED_VAES = ("pixel",)
+
+
+@dataclass(frozen=True)
+class SamplingDefaults:
+    """What the model was trained for: the CLI and nodes start from these."""
+
+    num_frames: int = 16
+    height: int = 32
+    width: int = 32
+    fps: float = 8.0
+    steps: int = 25
+    shift: float = 1.0
+
+
+def save_bundle(path: str | os.PathLike, model: STIVTransformer, text_encoder: WordTextEncoder, *,
+                defaults: SamplingDefaults = SamplingDefaults(), dtype: Optional[torch.dtype] = None,
+                metadata: Optional[Mapping[str, str]] = None) -> None:
+    """Write model + word encoder (optionally cast to `dtype`) + pixel VAE spec atomically."""
+    cast = lambda v: v.detach().to(dtype or v.dtype).contiguous().cpu()
+    state = {k: cast(v) for k, v in model.state_dict().items()}
+    state.update({TEXT_ENCODER_PREFIX + k: cast(v) for k, v in text_encoder.state_dict().items()})
+    meta = {**dict(metadata or {}), "format": FORMAT, CONFIG_KEY: model.config.to_json(), VAE_KEY: "pixel",
+            DEFAULTS_KEY: json.dumps(asdict(defaults)), **text_encoder.metadata()}
+    save_state_dict(path, state, meta)
+
+
+def resolve_model_path(ref: str | os.PathLike) -> Path:
+    """A built-in name ('tiny') or a file path -> the checkpoint's path, with a clear error if absent."""
+    if str(ref) in BUILTIN_MODELS:
+        path = BUILTIN_MODELS[str(ref)]
+        if not path.is_file():
+            raise FileNotFoundError(f"the built-in {ref!r} model is not in this checkout ({path}); train it with "
+                                    f"python stiv_core/train.py --config stiv_core/configs/tiny.toml")
+        return path
+    path = Path(ref)
+    if not path.is_file():
+        raise FileNotFoundError(f"no model file {str(path)!r}; give a .safetensors path or one of "
+                                f"{sorted(BUILTIN_MODELS)}")
+    return path
+
+
+def load_defaults(path: str | os.PathLike) -> SamplingDefaults:
+    meta = read_metadata(path)
+    return SamplingDefaults(**json.loads(meta[DEFAULTS_KEY])) if DEFAULTS_KEY in meta else SamplingDefaults()
+
+
+def load_pipeline(ref: str | os.PathLike, *, device: str | torch.device = "cpu",
+                  dtype: Optional[torch.dtype] = None) -> STIVPipeline:
+    """The STIVPipeline of a bundle (a built-in name or a path), in eval mode on `device`."""
+    path = resolve_model_path(ref)
+    meta = read_metadata(path)
+    if VOCAB_KEY not in meta or meta.get(VAE_KEY) not in SUPPORTED_VAES:
+        raise CheckpointError(f"{path.name} is a bare STIV model without its text encoder and VAE; load it with "
+                              f"stiv_core.checkpoint.load_model and pass your own encoders")
+    model = load_model(path, device=device, dtype=dtype)
+    text_encoder = WordTextEncoder.from_metadata(meta)
+    with safe_open(str(check_safetensors(path)), framework="pt", device="cpu") as f:
+        state = {k[len(TEXT_ENCODER_PREFIX):]: f.get_tensor(k) for k in f.keys() if k.startswith(TEXT_ENCODER_PREFIX)}
+    text_encoder.load_state_dict({k: v.float() for k, v in state.items()})
+    text_encoder.to(device).eval().requires_grad_(False)
+    return STIVPipeline(model, text_encoder, PixelVAE())

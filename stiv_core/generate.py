@@ -1,0 +1,141 @@
+"""The command-line main job: a video from a prompt (and optionally images) with a STIV model.
+
+    python -m stiv_core.generate --prompt "a red circle moving left on a blue background" --out red.mp4
+
+The task follows from what is given: nothing = T2V, --image = TI2V, --image + --last-image =
+interpolation, --condition-frames = video prediction, --keyframes K = a long video (K keyframes, then
+interpolation between each pair); --temporal-upsample 2 doubles the frame rate afterwards.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+from .bundle import load_defaults, load_pipeline, resolve_model_path
+from .pipeline import (FrameCondition, GenerationRequest, STIVPipeline, long_video_latents,
+                       temporal_upsample_latents)
+from .sampling import GuidanceConfig, GuidanceMode, SamplerConfig, StepInfo, Stepper
+from .video_io import output_kind, read_image, write_video
+
+log = logging.getLogger("stiv_core.generate")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m stiv_core.generate", description=__doc__.split("\n\n")[0])
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--out", required=True, help="output .mp4, .gif, .webp, or a folder for PNG frames")
+    p.add_argument("--model", default="tiny", help="'tiny' (built in) or a .safetensors bundle path")
+    p.add_argument("--negative-prompt", default=None, help="replaces the learned empty text in guidance")
+    p.add_argument("--image", help="first frame (TI2V)")
+    p.add_argument("--last-image", help="last frame (interpolation; with --image: first and last)")
+    p.add_argument("--condition-frames", nargs="+", metavar="PATH", help="first k frames (video prediction)")
+    p.add_argument("--keyframes", type=int, help="long video: this many keyframes, then interpolation")
+    p.add_argument("--keyframe-stride", type=int, default=None, help="frames between keyframes (default: frames - 1)")
+    p.add_argument("--temporal-upsample", type=int, choices=(1, 2), default=1, help="2 doubles the frame rate")
+    p.add_argument("--frames", type=int), p.add_argument("--height", type=int), p.add_argument("--width", type=int)
+    p.add_argument("--steps", type=int), p.add_argument("--shift", type=float)
+    p.add_argument("--stepper", choices=[s.value for s in Stepper], default="euler")
+    p.add_argument("--guidance", choices=[m.value for m in GuidanceMode], default="jit")
+    p.add_argument("--scale", type=float, default=7.5, help="guidance scale (text, or text+image for jit)")
+    p.add_argument("--image-scale", type=float, default=1.5, help="SIT-CFG image scale")
+    p.add_argument("--renorm", action="store_true", help="CFG renormalisation to the conditional norm")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--fps", type=float)
+    p.add_argument("--upscale", type=int, default=1, help="enlarge the written frames (nearest neighbour)")
+    p.add_argument("--device", default="cpu")
+    return p
+
+
+@dataclass(frozen=True)
+class Job:
+    request: GenerationRequest
+    keyframes: Optional[int]
+    stride: int
+    upsample: int
+
+
+def make_job(args: argparse.Namespace, model_path: Path) -> Job:
+    """Everything checked before the model loads: a bad argument never costs a model load."""
+    output_kind(args.out)
+    d = load_defaults(model_path)
+    frames, height, width = args.frames or d.num_frames, args.height or d.height, args.width or d.width
+    if args.keyframes is not None and args.keyframes < 2:
+        raise ValueError(f"--keyframes {args.keyframes}: a long video needs at least 2 keyframes")
+    if args.last_image and args.condition_frames:
+        raise ValueError("--last-image and --condition-frames describe different tasks; give one")
+    sampler = SamplerConfig(steps=args.steps or d.steps, shift=args.shift or d.shift, stepper=args.stepper,
+                            guidance=GuidanceConfig(args.guidance, scale=args.scale, image_scale=args.image_scale,
+                                                    renormalize=args.renorm))
+    request = GenerationRequest(args.prompt, frames, height, width, seed=args.seed, sampler=sampler,
+                                condition=_condition(args, frames, height, width),
+                                negative_prompt=args.negative_prompt)
+    return Job(request, args.keyframes, args.keyframe_stride or frames - 1, args.temporal_upsample)
+
+
+def _condition(args: argparse.Namespace, frames: int, height: int, width: int) -> Optional[FrameCondition]:
+    paths, indices = [], []
+    if args.condition_frames:
+        paths, indices = list(args.condition_frames), list(range(len(args.condition_frames)))
+    elif args.image or args.last_image:
+        paths += [args.image] if args.image else []
+        indices += [0] if args.image else []
+        paths += [args.last_image] if args.last_image else []
+        indices += [frames - 1] if args.last_image else []
+    if not paths:
+        return None
+    if max(indices) >= frames:
+        raise ValueError(f"{len(paths)} condition frames do not fit a {frames}-frame video")
+    pixels = torch.stack([read_image(p, height, width) for p in paths], dim=1)  # (3, k, H, W)
+    return FrameCondition(pixels[None], tuple(indices))
+
+
+def run(pipeline: STIVPipeline, job: Job, *, progress: bool = True) -> torch.Tensor:
+    """The video `(3, T, H, W)` in [-1, 1] for a job."""
+    from tqdm.auto import tqdm
+
+    bar = tqdm(desc="sampling", unit="step", disable=not progress, dynamic_ncols=True)
+
+    def on_step(info: StepInfo) -> None:
+        if bar.total != info.total:
+            bar.reset(total=info.total)
+        bar.update(1)
+
+    try:
+        if job.keyframes is not None:
+            latents = long_video_latents(pipeline, job.request, keyframes=job.keyframes, stride=job.stride,
+                                         callback=on_step)
+        else:
+            latents = pipeline.sample_latents(job.request, callback=on_step)
+        if job.upsample == 2:
+            latents = temporal_upsample_latents(pipeline, job.request, latents, callback=on_step)
+    finally:
+        bar.close()
+    return pipeline.decode(latents)[0]
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        model_path = resolve_model_path(args.model)
+        job = make_job(args, model_path)
+        device = torch.device(args.device)
+        pipeline = load_pipeline(model_path, device=device, dtype=torch.float32 if device.type == "cpu" else None)
+        video = run(pipeline, job)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    fps = args.fps or load_defaults(model_path).fps * job.upsample
+    out = write_video(args.out, video, fps=fps, upscale=args.upscale)
+    print(f"wrote {out} ({video.shape[1]} frames, {video.shape[3]}x{video.shape[2]} px)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,92 @@
+"""The main job: bundles (model + word encoder + pixel VAE) and the generate command line."""
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from stiv_core import generate as cli
+from stiv_core.bundle import SamplingDefaults, load_defaults, load_pipeline, save_bundle
+from stiv_core.checkpoint import CheckpointError, load_model, save_model
+from stiv_core.config import preset
+from stiv_core.data.shapes import ShapeParams, render
+from stiv_core.encoders.words import WordTextEncoder
+from stiv_core.model.transformer import STIVTransformer
+from stiv_core.video_io import read_video
+from tests.fakes import randomize
+
+VOCAB = ["a", "red", "blue", "circle", "moving", "left", "on", "background"]
+DEFAULTS = SamplingDefaults(num_frames=4, height=16, width=16, fps=4.0, steps=2)
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    config = preset("tiny", depth=1, hidden_size=32, num_heads=2, text_dim=32, pooled_text_dim=32, max_text_tokens=8)
+    model = randomize(STIVTransformer(config))
+    torch.manual_seed(0)
+    words = WordTextEncoder(VOCAB, dim=32, max_tokens=8)
+    path = tmp_path_factory.mktemp("bundle") / "tiny.safetensors"
+    save_bundle(path, model, words, defaults=DEFAULTS, dtype=torch.float16)
+    return path, model, words
+
+
+def test_bundle_round_trip(bundle):
+    path, model, words = bundle
+    pipe = load_pipeline(path, dtype=torch.float32)
+    assert load_defaults(path) == DEFAULTS
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(pipe.model.state_dict()[key], value.half().float())
+    for key, value in words.state_dict().items():
+        torch.testing.assert_close(pipe.text_encoder.state_dict()[key], value.half().float())
+    # the bare model loads from a bundle too; a bare model is not a bundle
+    assert isinstance(load_model(path), STIVTransformer)
+    bare = path.with_name("bare.safetensors")
+    save_model(bare, model)
+    with pytest.raises(CheckpointError, match="without its text encoder"):
+        load_pipeline(bare)
+
+
+def run(args):
+    return cli.main([str(a) for a in args])
+
+
+def test_t2v_writes_a_video_with_the_model_defaults(bundle, tmp_path):
+    path, *_ = bundle
+    out = tmp_path / "t2v.gif"
+    assert run(["--model", path, "--prompt", "a red circle moving left", "--out", out, "--seed", 1]) == 0
+    assert read_video(out).shape == (3, 4, 16, 16)
+
+
+def test_ti2v_keeps_the_image_and_long_video_and_upsampling_have_their_lengths(bundle, tmp_path):
+    path, *_ = bundle
+    first = render(ShapeParams("circle", "red", "blue", "left"), 1, 16, 16)[:, 0]
+    image = ((first.permute(1, 2, 0) + 1) * 127.5).round().byte().numpy()
+    Image.fromarray(image).save(tmp_path / "first.png")
+    assert run(["--model", path, "--prompt", "a red circle", "--image", tmp_path / "first.png",
+                "--out", tmp_path / "ti2v.webp"]) == 0
+    video = read_video(tmp_path / "ti2v.webp")
+    assert np.array_equal(((video[:, 0] + 1) * 127.5).round().byte().permute(1, 2, 0).numpy(), image)
+    assert run(["--model", path, "--prompt", "red", "--keyframes", 2, "--keyframe-stride", 3,
+                "--temporal-upsample", 2, "--out", tmp_path / "long"]) == 0
+    assert len(list((tmp_path / "long").glob("*.png"))) == 2 * ((2 - 1) * 3 + 1) - 1
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--out", "x.avi"], "supported outputs"),
+    (["--keyframes", "1"], "at least 2 keyframes"),
+    (["--image", "missing.png"], "no such file"),
+    (["--frames", "5"], "multiple of 2"),
+    (["--height", "18"], "multiples of 4"),
+])
+def test_bad_input_is_a_clear_error_not_a_traceback(bundle, tmp_path, capsys, extra, message):
+    path, *_ = bundle
+    args = ["--model", path, "--prompt", "red", "--out", tmp_path / "x.gif", *extra]
+    assert run(args) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_unknown_models_and_words(bundle, tmp_path, capsys, caplog):
+    path, *_ = bundle
+    assert run(["--model", tmp_path / "nope.safetensors", "--prompt", "x", "--out", tmp_path / "x.gif"]) == 2
+    assert "no model file" in capsys.readouterr().err
+    assert run(["--model", path, "--prompt", "a red zebra", "--out", tmp_path / "z.gif"]) == 0
+    assert "zebra" in caplog.text
