@@ -41,7 +41,10 @@ def math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     scores = q.to(compute) @ k.to(compute).transpose(-1, -2) / math.sqrt(q.shape[-1])
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
-    return (scores.softmax(dim=-1) @ v.to(compute)).to(q.dtype)
+    weights = scores.softmax(dim=-1)
+    if mask is not None:  # a query with no key to attend gets zeros, as torch's SDPA gives, not NaN
+        weights = torch.where(mask.any(dim=-1, keepdim=True), weights, 0.0)
+    return (weights @ v.to(compute)).to(q.dtype)
 
 
 def _sdpa(q, k, v, mask=None):

@@ -116,9 +116,11 @@ class STIVTransformer(nn.Module):
         p, pt = self.config.patch_size, self.config.temporal_patch
         if t % pt:
             raise ValueError(f"{t} latent frames do not fit temporal patch {pt}: use a multiple of {pt} "
-                             f"(e.g. {max(pt, t - t % pt)} or {t - t % pt + pt})")
+                             f"(e.g. {' or '.join(map(str, _nearest_multiples(t, pt)))})")
         if h % p or w % p:
-            raise ValueError(f"latent size {h}x{w} is not divisible by the patch size {p}")
+            raise ValueError(f"latent size {h}x{w} is not divisible by the patch size {p}: height and width "
+                             f"must be multiples of {p} (e.g. {_nearest_multiples(h, p)[0]}x"
+                             f"{_nearest_multiples(w, p)[0]})")
         return t // pt, h // p, w // p
 
     def rope(self, grid: tuple[int, int, int], device) -> tuple[Rope, Rope]:
@@ -232,7 +234,8 @@ def sample_keep_index(batch: int, num_spatial: int, *, keep_ratio: float = 0.5,
                       generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """Random MaskDiT keep index `(B, round(keep_ratio * S))`, sorted, on the generator's device."""
     keep = max(1, round(keep_ratio * num_spatial))
-    scores = torch.rand(batch, num_spatial, generator=generator)
+    device = generator.device if generator is not None else None
+    scores = torch.rand(batch, num_spatial, generator=generator, device=device)
     return scores.argsort(dim=1)[:, :keep].sort(dim=1).values
 
 
@@ -245,6 +248,12 @@ def inflate_patch_embed(weight_2d: torch.Tensor, temporal_patch: int) -> torch.T
     if weight_2d.dim() != 4:
         raise ValueError(f"expected a 2D patch-embed weight (D, C, p, p), got shape {tuple(weight_2d.shape)}")
     return weight_2d[:, :, None].repeat(1, 1, temporal_patch, 1, 1) / temporal_patch
+
+
+def _nearest_multiples(n: int, m: int) -> list[int]:
+    """The positive multiples of `m` just below and above `n` (7, 2 -> [6, 8]; 1, 2 -> [2])."""
+    below = n - n % m
+    return [k for k in (below, below + m) if k > 0]
 
 
 def num_spatial_tokens(config: STIVConfig, height: int, width: int) -> int:

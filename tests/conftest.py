@@ -1,0 +1,77 @@
+"""Shared fixtures: a tiny STIV config, models with random non-zero weights, and matching inputs.
+
+`initialize_weights` zero-inits every gate and output layer, so a freshly built model outputs exactly
+zero; `make_model` therefore adds seeded noise to every parameter to make the tests see real maths.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+
+from stiv_core.config import STIVConfig
+from stiv_core.model.transformer import STIVTransformer
+
+# head_dim 16 (divisible by 4 for 2D RoPE); text_dim != hidden_size != pooled_text_dim on purpose,
+# so a projection that forgets to map text width to model width fails loudly.
+TINY = STIVConfig(name="test-tiny", depth=2, hidden_size=32, num_heads=2, latent_channels=4, patch_size=2,
+                  temporal_patch=2, mlp_ratio=2.0, text_dim=24, pooled_text_dim=16, max_text_tokens=8)
+
+
+@pytest.fixture
+def tiny_config() -> STIVConfig:
+    return TINY
+
+
+def randomize_(model: torch.nn.Module, seed: int = 0, std: float = 0.1) -> torch.nn.Module:
+    """Add seeded Gaussian noise to every parameter (in place), so no gate or output is zero."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(std * torch.randn(p.shape, generator=g, dtype=torch.float64).to(p.dtype))
+    return model
+
+
+@pytest.fixture
+def make_model():
+    """`make_model(config=TINY, seed=0, dtype=float32, **config_changes)` -> a random model in eval mode.
+
+    Parameters do not require grad (as after `load_model`); call `requires_grad_(True)` to train.
+    """
+
+    def build(config: STIVConfig = TINY, *, seed: int = 0, dtype: torch.dtype = torch.float32,
+              **changes: Any) -> STIVTransformer:
+        torch.manual_seed(seed)
+        model = STIVTransformer(config.replace(**changes) if changes else config)
+        return randomize_(model, seed).to(dtype).eval().requires_grad_(False)
+
+    return build
+
+
+@pytest.fixture
+def make_inputs():
+    """`make_inputs(config, batch, frames, height, width, text_len)` -> forward() keyword arguments.
+
+    x `(B, C, T, H, W)`, t `(B,)`, text `(B, L, text_dim)` with row i masked after `L - i` tokens,
+    pooled_text `(B, pooled_text_dim)`, micro `(B, 6)` (pixel sizes, crops, stride, frames).
+    """
+
+    def build(config: STIVConfig = TINY, *, batch: int = 2, frames: int = 4, height: int = 8,
+              width: int = 8, text_len: int = 5, seed: int = 1,
+              dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+        g = torch.Generator().manual_seed(seed)
+        text_mask = torch.ones(batch, text_len, dtype=torch.bool)
+        for i in range(batch):
+            text_mask[i, max(1, text_len - i):] = False
+        micro = torch.tensor([8.0 * height, 8.0 * width, 0.0, 0.0, 1.0, float(frames)]).expand(batch, -1)
+        return dict(
+            x=torch.randn(batch, config.latent_channels, frames, height, width, generator=g, dtype=dtype),
+            t=torch.rand(batch, generator=g, dtype=dtype),
+            text=torch.randn(batch, text_len, config.text_dim, generator=g, dtype=dtype),
+            text_mask=text_mask,
+            pooled_text=torch.randn(batch, config.pooled_text_dim, generator=g, dtype=dtype),
+            micro=micro.clone().to(dtype),
+        )
+
+    return build
