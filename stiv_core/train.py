@@ -46,7 +46,7 @@ from .encoders.pixel import PixelVAE
 from .encoders.words import WordTextEncoder
 from .interfaces import TextEncoder, VideoVAE
 from .model.transformer import STIVTransformer
-from .training.config import ConfigError, TextEncoderKind, TrainConfig, load_config
+from .training.config import EXPORT_DTYPES, ConfigError, TextEncoderKind, TrainConfig, load_config
 from .training.ema import EMA
 from .training.init import initialize
 from .training.optim import build_optimizer, build_scheduler
@@ -252,9 +252,9 @@ def _export(accelerator: Accelerator, config: TrainConfig, ema: EMA, text_encode
     if isinstance(text_encoder, WordTextEncoder):
         frames, height, width = config.data.buckets[0]
         defaults = SamplingDefaults(num_frames=frames, height=height, width=width, steps=config.sample_steps)
-        save_bundle(path, ema.model, text_encoder, defaults=defaults)
+        save_bundle(path, ema.model, text_encoder, defaults=defaults, dtype=EXPORT_DTYPES[config.export_dtype])
     else:
-        save_model(path, ema.model)
+        save_model(path, ema.model, dtype=EXPORT_DTYPES[config.export_dtype])
     return path
 
 

@@ -1,6 +1,7 @@
 """Reading condition images and writing videos (.mp4 via PyAV H.264, .gif/.webp via Pillow, PNG folders).
 
-Videos here are `(3, T, H, W)` float tensors in [-1, 1], the pipeline's pixel format.
+Videos here are `(3, T, H, W)` float tensors in [-1, 1], the pipeline's pixel format. Pillow's GIF
+writer merges identical consecutive frames into one longer frame (playback time is kept).
 """
 from __future__ import annotations
 

@@ -9,7 +9,6 @@ from stiv_core.bundle import load_defaults, load_pipeline
 from stiv_core.data.shapes import VOCABULARY
 from stiv_core.train import build_encoders, train
 from stiv_core.training.config import load_config
-from stiv_core.video_io import read_video
 
 CONFIG = str(Path(__file__).resolve().parents[1] / "stiv_core" / "configs" / "tiny.toml")
 
@@ -27,6 +26,7 @@ def test_the_shipped_config_trains_and_exports_a_bundle(trained):
     assert trained.step == 3 and all(torch.isfinite(torch.tensor(trained.losses)))
     pipe = load_pipeline(trained.model_path)
     assert pipe.model.config.prediction == "data" and pipe.text_encoder.vocab == list(VOCABULARY)
+    assert load_pipeline(trained.model_path, dtype=None).model.patch_embed.weight.dtype == torch.float16
     defaults = load_defaults(trained.model_path)
     assert (defaults.num_frames, defaults.height, defaults.width) == (4, 16, 16)
 
@@ -38,12 +38,12 @@ def test_every_process_and_every_resume_builds_the_same_word_encoder(trained):
     shipped = load_pipeline(trained.model_path).text_encoder
     for key, value in first.state_dict().items():
         assert torch.equal(value, second.state_dict()[key])
-        assert torch.equal(value, shipped.state_dict()[key])
+        assert torch.equal(value.half().float(), shipped.state_dict()[key])  # shipped as float16
     assert not any(p.requires_grad for p in first.parameters())  # frozen: the model learns on top
 
 
 def test_generate_runs_the_exported_bundle(trained, tmp_path):
-    out = tmp_path / "clip.gif"
+    out = tmp_path / "frames"  # PNGs: GIF merges identical frames, which an untrained model makes
     assert cli.main(["--model", str(trained.model_path), "--prompt", "a red circle moving left on a blue background",
                      "--steps", "2", "--out", str(out)]) == 0
-    assert read_video(out).shape == (3, 4, 16, 16)
+    assert len(list(out.glob("*.png"))) == 4

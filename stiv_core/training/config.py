@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+import torch
+
 from ..config import STIVConfig, preset
 
 
@@ -166,6 +168,7 @@ class TrainConfig:
     sample_every: int = 0               # 0 = no sample videos
     sample_prompts: tuple[str, ...] = ("a red square moving right",)
     sample_steps: int = 20
+    export_dtype: str = "float32"       # dtype of the exported EMA model (float16 for shipping)
     mixed_precision: MixedPrecision = MixedPrecision.NO
     gradient_checkpointing: bool = False
     text_encoder: TextEncoderKind = TextEncoderKind.HASHED
@@ -181,6 +184,8 @@ class TrainConfig:
         for key in ("max_steps", "batch_size", "checkpoint_every", "keep_last", "log_every", "sample_steps"):
             _need(getattr(self, key) >= 1, key, "must be >= 1", getattr(self, key))
         _need(self.sample_every >= 0, "sample_every", "must be >= 0 (0 = off)", self.sample_every)
+        _need(self.export_dtype in EXPORT_DTYPES, "export_dtype", f"must be one of {sorted(EXPORT_DTYPES)}",
+              self.export_dtype)
         object.__setattr__(self, "sample_prompts", tuple(self.sample_prompts))
         self._check_model_fit()
 
@@ -197,6 +202,7 @@ class TrainConfig:
         return Path(self.output_dir)
 
 
+EXPORT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 SECTIONS: dict[str, type] = {"optim": OptimConfig, "recipe": RecipeConfig, "data": DataConfig, "init": InitConfig}
 
 
