@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import time
+from pathlib import Path
 from collections import Counter
 from dataclasses import dataclass
 from statistics import mean
@@ -20,7 +21,8 @@ import torch.nn.functional as F
 
 from .data.shapes import (BACKGROUNDS, COLORS, DIRECTIONS, SHAPES, all_combinations, held_out,
                           parse_caption, random_params, render, shape_mask)
-from .pipeline import FrameCondition
+from .pipeline import FrameCondition, GenerationRequest, STIVPipeline, generate, generate_long
+from .sampling import GuidanceConfig, SamplerConfig
 
 OBJECT_THRESHOLD = 0.2   # RGB distance (0..1 units) from the background that counts as object
 MIN_AREA_FRACTION = 0.004
@@ -252,3 +254,70 @@ def format_table(results: dict) -> str:
         else:
             lines.append(f"{task:<28} {metrics:>10.3f}")
     return "\n".join(lines)
+
+
+class PipelineModel:
+    """A STIVPipeline as a bench model (batch 1, the pipeline's pixel format)."""
+
+    def __init__(self, pipeline: STIVPipeline, config: BenchConfig, sampler: SamplerConfig):
+        self.pipeline, self.config, self.sampler = pipeline, config, sampler
+
+    def _request(self, caption: str, num_frames: int, seed: int, condition=None) -> GenerationRequest:
+        return GenerationRequest(caption, num_frames, self.config.height, self.config.width, seed=seed,
+                                 sampler=self.sampler, condition=condition)
+
+    def generate(self, caption, *, num_frames, seed, condition=None):
+        return generate(self.pipeline, self._request(caption, num_frames, seed, condition))[0]
+
+    def generate_long(self, caption, *, keyframes, stride, seed):
+        request = self._request(caption, self.config.num_frames, seed)
+        return generate_long(self.pipeline, request, keyframes=keyframes, stride=stride)[0]
+
+
+def main(argv: Optional[Sequence[str]] = None) -> dict:
+    import argparse
+    import json
+    import logging
+
+    from .bundle import load_defaults, load_pipeline, resolve_model_path
+
+    p = argparse.ArgumentParser(prog="python -m stiv_core.evaluate", description="shapes-bench")
+    p.add_argument("--model", default="tiny", help="'tiny', a bundle path, or 'groundtruth' (self-check)")
+    p.add_argument("--prompts", help="a text file, one caption per line (default: the held-out prompts)")
+    p.add_argument("--json", help="write the results here")
+    p.add_argument("--limit", type=int, help="use only the first N prompts")
+    p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
+    p.add_argument("--steps", type=int, default=25)
+    p.add_argument("--guidance", default="jit")
+    p.add_argument("--scale", type=float, default=7.5)
+    p.add_argument("--image-scale", type=float, default=1.5)
+    p.add_argument("--keyframes", type=int, default=16)
+    p.add_argument("--keyframe-stride", type=int, default=7)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    prompts = heldout_prompts()
+    if args.prompts:
+        prompts = [line.strip() for line in Path(args.prompts).read_text().splitlines() if line.strip()]
+    prompts = prompts[: args.limit] if args.limit else prompts
+    if args.model == "groundtruth":
+        config = BenchConfig(keyframes=args.keyframes, stride=args.keyframe_stride, tasks=tuple(args.tasks))
+        model: VideoModel = GroundTruthModel(config)
+    else:
+        path = resolve_model_path(args.model)
+        d = load_defaults(path)
+        config = BenchConfig(d.num_frames, d.height, d.width, args.keyframes, args.keyframe_stride,
+                             tasks=tuple(args.tasks))
+        sampler = SamplerConfig(steps=args.steps, shift=d.shift, guidance=GuidanceConfig(
+            args.guidance, scale=args.scale, image_scale=args.image_scale))
+        model = PipelineModel(load_pipeline(path), config, sampler)
+    results = run_bench(model, prompts, config)
+    print(f"shapes-bench: {args.model}, {len(prompts)} prompts, {config.num_frames} frames "
+          f"{config.width}x{config.height}")
+    print(format_table(results))
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+    return results
+
+
+if __name__ == "__main__":
+    main()

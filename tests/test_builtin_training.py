@@ -1,9 +1,11 @@
 """The built-in model's path end to end: train on the shapes domain -> bundle -> the generate command."""
+import json
 from pathlib import Path
 
 import pytest
 import torch
 
+from stiv_core import evaluate
 from stiv_core import generate as cli
 from stiv_core.bundle import load_defaults, load_pipeline
 from stiv_core.data.shapes import VOCABULARY
@@ -47,3 +49,17 @@ def test_generate_runs_the_exported_bundle(trained, tmp_path):
     assert cli.main(["--model", str(trained.model_path), "--prompt", "a red circle moving left on a blue background",
                      "--steps", "2", "--out", str(out)]) == 0
     assert len(list(out.glob("*.png"))) == 4
+
+
+def test_shapes_bench_runs_a_bundle_and_writes_its_json(trained, tmp_path):
+    out = tmp_path / "bench.json"
+    results = evaluate.main(["--model", str(trained.model_path), "--limit", "2", "--steps", "2", "--keyframes", "2",
+                             "--keyframe-stride", "3", "--json", str(out)])
+    saved = json.loads(out.read_text())
+    assert saved == results
+    for key in ("color_acc", "shape_acc", "direction_acc"):
+        assert 0.0 <= saved["t2v"][key] <= 1.0
+    assert saved["ti2v"]["frame0_psnr"] >= 99  # pixel space + frame replacement: frame 0 is exact
+    assert saved["interp"]["endpoint_psnr"] >= 99 and saved["long"]["frames"] == 4
+    assert set(saved["interp"]) >= {"endpoint_psnr", "monotone_rate"} and "color_drift" in saved["long"]
+    assert saved["seconds_per_video"] > 0
