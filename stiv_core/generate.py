@@ -11,19 +11,26 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
 
 from .bundle import load_defaults, load_pipeline, resolve_model_path
+from .checkpoint import load_config
+from .memory import (Budget, MemoryOptions, QuantMode, RunShape, VAEProfile, WontFitError, apply_memory_options,
+                     plan_memory)
+from .memory.options import resolve_device, resolve_quant
+from .model.attention import AttentionBackend
 from .pipeline import (FrameCondition, GenerationRequest, STIVPipeline, long_video_latents,
                        temporal_upsample_latents)
 from .sampling import GuidanceConfig, GuidanceMode, SamplerConfig, StepInfo, Stepper
 from .video_io import output_kind, read_image, write_video
 
 log = logging.getLogger("stiv_core.generate")
+# Bundles carry the pixel "VAE" (bundle.SUPPORTED_VAES): no weights, float32 RGB per pixel, factor 1.
+PIXEL_VAE = VAEProfile(weight_bytes=0, bytes_per_pixel=12.0, spatial_factor=1)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,7 +55,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--fps", type=float)
     p.add_argument("--upscale", type=int, default=1, help="enlarge the written frames (nearest neighbour)")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (CUDA falls back to the CPU, logged)")
+    low = p.add_argument_group("low VRAM")
+    low.add_argument("--quant", choices=[q.value for q in QuantMode], default="none",
+                     help="weights of the blocks: fp8, fp8-scaled, int8 / nf4 (bitsandbytes, CUDA)")
+    low.add_argument("--block-swap", default="0", help="blocks streamed from the CPU: a count, or 'auto' (planned)")
+    low.add_argument("--attention", choices=[b.value for b in AttentionBackend], default="sdpa")
+    low.add_argument("--compile", action="store_true", help="torch.compile each block")
+    low.add_argument("--plan-only", action="store_true", help="print the memory plan and exit")
+    low.add_argument("--force", action="store_true", help="run even when the plan says it will not fit")
     return p
 
 
@@ -58,6 +73,35 @@ class Job:
     keyframes: Optional[int]
     stride: int
     upsample: int
+    memory: MemoryOptions
+    decode_chunk: int = 16
+
+
+def memory_options(args: argparse.Namespace) -> MemoryOptions:
+    return MemoryOptions(quant=args.quant, block_swap=args.block_swap, attention=args.attention,
+                         compile=args.compile, device=args.device, force=args.force)
+
+
+def run_shape(job: Job, spatial_factor: int) -> RunShape:
+    """The largest single sampling pass of the job, in latent units, for the planner."""
+    r = job.request
+    frames = max(r.num_frames, job.stride + 1 if job.keyframes else 0)
+    heun = r.sampler.stepper is Stepper.HEUN
+    return RunShape(frames, r.height // spatial_factor, r.width // spatial_factor, batch=len(r.prompts),
+                    guidance=r.sampler.guidance.mode, forwards_per_step=2 if heun else 1)
+
+
+def print_plan(model_path: Path, job: Job) -> None:
+    """--plan-only: the plan from the config alone (no weights are loaded)."""
+    notes: list[str] = []
+    device = resolve_device(job.memory.device, notes)
+    quant = resolve_quant(job.memory, device, notes)
+    swap = job.memory.block_swap
+    plan = plan_memory(load_config(model_path), run_shape(job, 1), Budget.probe(device), quant=quant,
+                       dtype=torch.float32 if device.type == "cpu" else torch.bfloat16,
+                       blocks_to_swap=None if swap == "auto" else swap, backend=job.memory.attention,
+                       vae=PIXEL_VAE)
+    print("\n".join([*notes, plan.describe()]))
 
 
 def make_job(args: argparse.Namespace, model_path: Path) -> Job:
@@ -75,7 +119,8 @@ def make_job(args: argparse.Namespace, model_path: Path) -> Job:
     request = GenerationRequest(args.prompt, frames, height, width, seed=args.seed, sampler=sampler,
                                 condition=_condition(args, frames, height, width),
                                 negative_prompt=args.negative_prompt)
-    return Job(request, args.keyframes, args.keyframe_stride or frames - 1, args.temporal_upsample)
+    return Job(request, args.keyframes, args.keyframe_stride or frames - 1, args.temporal_upsample,
+               memory_options(args))
 
 
 def _condition(args: argparse.Namespace, frames: int, height: int, width: int) -> Optional[FrameCondition]:
@@ -116,7 +161,17 @@ def run(pipeline: STIVPipeline, job: Job, *, progress: bool = True) -> torch.Ten
             latents = temporal_upsample_latents(pipeline, job.request, latents, callback=on_step)
     finally:
         bar.close()
-    return pipeline.decode(latents)[0]
+    return pipeline.decode(latents, chunk_frames=job.decode_chunk)[0]
+
+
+def prepare(model_path: Path, job: Job) -> tuple[STIVPipeline, Job]:
+    """Load on the CPU, then quantize / plan / swap / move per the job's memory options."""
+    pipeline = load_pipeline(model_path, dtype=torch.float32)
+    handle = apply_memory_options(pipeline.model, job.memory, shape=run_shape(job, pipeline.vae.spatial_factor),
+                                  vae=PIXEL_VAE)
+    pipeline.text_encoder.to(handle.device)
+    chunk = handle.plan.vae_chunk_frames if handle.plan is not None else job.decode_chunk
+    return pipeline, replace(job, decode_chunk=max(1, chunk))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -125,10 +180,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         model_path = resolve_model_path(args.model)
         job = make_job(args, model_path)
-        device = torch.device(args.device)
-        pipeline = load_pipeline(model_path, device=device, dtype=torch.float32 if device.type == "cpu" else None)
+        if args.plan_only:
+            print_plan(model_path, job)
+            return 0
+        pipeline, job = prepare(model_path, job)
         video = run(pipeline, job)
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, FileNotFoundError, WontFitError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     fps = args.fps or load_defaults(model_path).fps * job.upsample

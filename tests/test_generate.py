@@ -90,3 +90,40 @@ def test_unknown_models_and_words(bundle, tmp_path, capsys, caplog):
     assert "no model file" in capsys.readouterr().err
     assert run(["--model", path, "--prompt", "a red zebra", "--out", tmp_path / "z.gif"]) == 0
     assert "zebra" in caplog.text
+
+
+def test_plan_only_prints_the_plan_without_sampling(bundle, tmp_path, capsys):
+    path, *_ = bundle
+    assert run(["--model", path, "--prompt", "red", "--out", tmp_path / "never.gif", "--plan-only",
+                "--quant", "fp8-scaled", "--block-swap", "auto"]) == 0
+    out = capsys.readouterr().out
+    assert "memory plan: fits" in out and "VAE decode" in out and not (tmp_path / "never.gif").exists()
+
+
+@pytest.mark.parametrize("extra", [["--quant", "fp8-scaled"], ["--block-swap", "1"], ["--attention", "math"],
+                                   ["--device", "cuda"]])
+def test_low_vram_options_run_on_the_cpu(bundle, tmp_path, extra, caplog):
+    path, *_ = bundle
+    out = tmp_path / "frames"
+    assert run(["--model", path, "--prompt", "a red circle", "--out", out, *extra]) == 0
+    assert len(list(out.glob("*.png"))) == 4
+    if extra[0] == "--device" and not torch.cuda.is_available():
+        assert "using the CPU" in caplog.text
+
+
+def test_swapped_and_resident_runs_make_the_same_video(bundle, tmp_path):
+    path, *_ = bundle
+    for name, extra in (("resident", []), ("swapped", ["--block-swap", "1"])):
+        assert run(["--model", path, "--prompt", "a red circle", "--out", tmp_path / name, *extra]) == 0
+    a = [np.asarray(Image.open(p)) for p in sorted((tmp_path / "resident").glob("*.png"))]
+    b = [np.asarray(Image.open(p)) for p in sorted((tmp_path / "swapped").glob("*.png"))]
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))
+
+
+def test_a_run_that_cannot_fit_says_so(bundle, tmp_path, capsys, monkeypatch):
+    from stiv_core.memory.planner import Budget
+
+    path, *_ = bundle
+    monkeypatch.setattr(Budget, "probe", classmethod(lambda cls, device: cls(1024, 1 << 34, "cpu")))
+    assert run(["--model", path, "--prompt", "red", "--out", tmp_path / "x.gif"]) == 2
+    assert "DOES NOT FIT" in capsys.readouterr().err
