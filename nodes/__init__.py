@@ -1,6 +1,31 @@
 """The ComfyUI nodes (thin: convert ComfyUI types at the edge, call one stiv_core function).
 
-The node classes arrive with the node-pack issue; until then the pack registers none.
+STIV Loader -> STIV_MODEL; STIV Text Encode / STIV Image Condition -> STIV_COND; STIV Sampler or STIV
+Keyframe -> Interpolate -> LATENT; STIV Decode -> IMAGE, which ComfyUI's CreateVideo / SaveVideo save.
 """
-NODE_CLASS_MAPPINGS: dict[str, type] = {}
-NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {}
+from . import _comfy
+from .conditioning import STIVImageCondition, STIVTextEncode
+from .decode import STIVDecode
+from .loader import STIVLoader
+from .plan import register_routes
+from .sampler import STIVKeyframeInterpolate, STIVSampler
+
+NODE_CLASS_MAPPINGS: dict[str, type] = {
+    "STIVLoader": STIVLoader,
+    "STIVTextEncode": STIVTextEncode,
+    "STIVImageCondition": STIVImageCondition,
+    "STIVSampler": STIVSampler,
+    "STIVKeyframeInterpolate": STIVKeyframeInterpolate,
+    "STIVDecode": STIVDecode,
+}
+NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {
+    "STIVLoader": "STIV Loader",
+    "STIVTextEncode": "STIV Text Encode",
+    "STIVImageCondition": "STIV Image Condition",
+    "STIVSampler": "STIV Sampler",
+    "STIVKeyframeInterpolate": "STIV Keyframe -> Interpolate",
+    "STIVDecode": "STIV Decode",
+}
+
+_comfy.register_model_folder()
+register_routes()

@@ -1,0 +1,158 @@
+"""Every touch of ComfyUI (`comfy.*`, `folder_paths`, `server`) lives here, each with a fallback.
+
+Inside ComfyUI these call its model management, progress bar, interrupt flag, model folders and
+server routes; without it (tests, scripts) they fall back to plain torch, a logging progress bar, a
+module-level interrupt flag and the folders in `$STIV_MODEL_DIRS`. Nothing runs at import time: each
+ComfyUI module is imported on first use.
+"""
+from __future__ import annotations
+
+import gc
+import importlib
+import logging
+import os
+import threading
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+
+log = logging.getLogger("stiv.nodes")
+MODEL_FOLDERS = ("stiv", "diffusion_models")   # "stiv" is registered by the pack, under models/stiv
+MODEL_SUFFIXES = (".safetensors",)
+
+
+def _comfy(name: str) -> Optional[Any]:
+    """The ComfyUI module `name`, or None when ComfyUI is not what is running."""
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        return None
+
+
+def in_comfyui() -> bool:
+    return _comfy("comfy.model_management") is not None
+
+
+# -- devices and memory -------------------------------------------------------------------------
+def torch_device() -> torch.device:
+    mm = _comfy("comfy.model_management")
+    if mm is not None:
+        return mm.get_torch_device()
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def free_memory() -> None:
+    """Drop what Python no longer references and give cached device memory back."""
+    gc.collect()
+    mm = _comfy("comfy.model_management")
+    if mm is not None:
+        mm.soft_empty_cache()
+    elif torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+# -- interrupt ----------------------------------------------------------------------------------
+class Interrupted(Exception):
+    """Raised outside ComfyUI when a run was interrupted (ComfyUI's own exception inside it)."""
+
+
+_interrupt = threading.Event()
+
+
+def request_interrupt() -> None:
+    """What ComfyUI's Cancel button does (`interrupt_current_processing`); the fallback sets a flag."""
+    mm = _comfy("comfy.model_management")
+    if mm is not None:
+        mm.interrupt_current_processing(True)
+    else:
+        _interrupt.set()
+
+
+def interrupt_requested() -> bool:
+    mm = _comfy("comfy.model_management")
+    return mm.processing_interrupted() if mm is not None else _interrupt.is_set()
+
+
+def raise_interrupted() -> None:
+    """Clear the interrupt flag and raise the exception ComfyUI treats as 'interrupted by the user'."""
+    mm = _comfy("comfy.model_management")
+    if mm is not None:
+        mm.throw_exception_if_processing_interrupted()
+        raise mm.InterruptProcessingException()
+    _interrupt.clear()
+    raise Interrupted("interrupted by the user")
+
+
+# -- progress and previews ----------------------------------------------------------------------
+class LogProgressBar:
+    """The fallback ProgressBar: same `update_absolute(value, total, preview)` call, logged."""
+
+    def __init__(self, total: int):
+        self.total, self.current = total, 0
+
+    def update_absolute(self, value: int, total: Optional[int] = None, preview: Any = None) -> None:
+        self.total = total if total is not None else self.total
+        self.current = min(value, self.total)
+        log.debug("step %d/%d%s", self.current, self.total, " (preview)" if preview is not None else "")
+
+
+def progress_bar(total: int) -> Any:
+    utils = _comfy("comfy.utils")
+    return utils.ProgressBar(total) if utils is not None else LogProgressBar(total)
+
+
+def preview_payload(image: Any, max_size: int = 512) -> tuple[str, Any, int]:
+    """A PIL image as the preview ComfyUI's progress hook sends to the browser."""
+    return ("JPEG", image, max_size)
+
+
+# -- model folders ------------------------------------------------------------------------------
+def register_model_folder() -> None:
+    """Add `models/stiv` to ComfyUI's folders (no-op outside ComfyUI)."""
+    fp = _comfy("folder_paths")
+    if fp is not None:
+        fp.add_model_folder_path("stiv", os.path.join(fp.models_dir, "stiv"))
+
+
+def _fallback_dirs() -> list[Path]:
+    return [Path(p) for p in os.environ.get("STIV_MODEL_DIRS", "").split(os.pathsep) if p]
+
+
+def model_files() -> list[str]:
+    """Model file names from the `stiv` and `diffusion_models` folders (or `$STIV_MODEL_DIRS`)."""
+    fp = _comfy("folder_paths")
+    if fp is not None:
+        names = [n for folder in MODEL_FOLDERS for n in fp.get_filename_list(folder)]
+    else:
+        names = [str(p.relative_to(d)) for d in _fallback_dirs() if d.is_dir() for p in sorted(d.rglob("*"))
+                 if p.is_file()]
+    return sorted({n for n in names if n.lower().endswith(MODEL_SUFFIXES)})
+
+
+def model_path(name: str) -> Optional[Path]:
+    """The full path of a name `model_files()` listed, or None."""
+    fp = _comfy("folder_paths")
+    if fp is not None:
+        found = [fp.get_full_path(folder, name) for folder in MODEL_FOLDERS]
+        return next((Path(p) for p in found if p), None)
+    return next((d / name for d in _fallback_dirs() if (d / name).is_file()), None)
+
+
+# -- server -------------------------------------------------------------------------------------
+def add_get_route(path: str, handler: Callable[[dict[str, str]], dict]) -> bool:
+    """Serve `handler(query) -> json` at GET `path` on ComfyUI's server; False outside ComfyUI."""
+    server = _comfy("server")
+    instance = getattr(getattr(server, "PromptServer", None), "instance", None)
+    if instance is None:
+        return False
+    from aiohttp import web
+
+    async def route(request):
+        try:
+            return web.json_response(handler(dict(request.rel_url.query)))
+        except (ValueError, FileNotFoundError) as err:
+            return web.json_response({"error": str(err)}, status=400)
+
+    instance.routes.get(path)(route)
+    return True

@@ -1,0 +1,80 @@
+"""STIV Loader: a bundle (model + its text encoder and VAE) with the low-VRAM options -> STIV_MODEL."""
+from __future__ import annotations
+
+import torch
+
+from ..stiv_core.bundle import BUILTIN_MODELS, load_defaults, load_pipeline, resolve_model_path
+from ..stiv_core.checkpoint import CheckpointError
+from ..stiv_core.memory import MemoryOptions, QuantMode, WontFitError, apply_memory_options
+from ..stiv_core.model.attention import AttentionBackend
+from . import _comfy
+from .types import STIVInputError, STIVModel
+
+BUILTIN_SUFFIX = " (built-in)"
+DTYPES = {"auto": None, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def model_choices() -> list[str]:
+    return [name + BUILTIN_SUFFIX for name in BUILTIN_MODELS] + _comfy.model_files()
+
+
+def model_ref(choice: str) -> str:
+    """A combo choice -> what `load_pipeline` takes: a built-in name or a full path."""
+    if choice.endswith(BUILTIN_SUFFIX) and choice[: -len(BUILTIN_SUFFIX)] in BUILTIN_MODELS:
+        return choice[: -len(BUILTIN_SUFFIX)]
+    path = _comfy.model_path(choice)
+    if path is None:
+        raise STIVInputError(f"STIV Loader: no model file {choice!r} in models/stiv or models/diffusion_models; "
+                             f"put a STIV .safetensors bundle there, or pick 'tiny{BUILTIN_SUFFIX}'")
+    return str(path)
+
+
+def resolve_dtype(choice: str, device: torch.device) -> torch.dtype:
+    """'auto' is float32 on the CPU and bfloat16 on an accelerator."""
+    dtype = DTYPES[choice]
+    if dtype is None:
+        return torch.float32 if device.type == "cpu" else torch.bfloat16
+    return dtype
+
+
+class STIVLoader:
+    CATEGORY = "STIV/loaders"
+    RETURN_TYPES = ("STIV_MODEL",)
+    RETURN_NAMES = ("model",)
+    FUNCTION = "load"
+    DESCRIPTION = "Loads a STIV bundle (transformer + its text encoder and VAE) with low-VRAM options."
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model_name": (model_choices(), {"tooltip": "models/stiv or models/diffusion_models, or the built-in"}),
+            "weight_dtype": (list(DTYPES), {"default": "auto", "tooltip": "auto: float32 on CPU, bfloat16 on GPU"}),
+            "quantization": ([q.value for q in QuantMode], {"default": "none",
+                                                            "tooltip": "weights of the blocks; int8/nf4 need "
+                                                                       "bitsandbytes (else fp8-scaled, logged)"}),
+            "attention": ([b.value for b in AttentionBackend], {"default": "sdpa"}),
+            "block_swap": ("INT", {"default": 0, "min": 0, "max": 200,
+                                   "tooltip": "blocks streamed from CPU RAM during each step (0 = all resident)"}),
+            "compile": ("BOOLEAN", {"default": False, "tooltip": "torch.compile each block"}),
+        }}
+
+    def load(self, model_name, weight_dtype, quantization, attention, block_swap, compile):
+        ref = model_ref(model_name)
+        device = _comfy.torch_device()
+        try:
+            path = resolve_model_path(ref)
+            pipeline = load_pipeline(path, dtype=resolve_dtype(weight_dtype, device))
+            blocks = len(pipeline.model.blocks) + len(pipeline.model.extra_blocks)
+            if block_swap > blocks:
+                raise ValueError(f"block_swap {block_swap}: this model has {blocks} blocks (0..{blocks})")
+            options = MemoryOptions(quant=quantization, attention=attention, block_swap=block_swap,
+                                    compile=compile, device=str(device))
+            handle = apply_memory_options(pipeline.model, options)
+            pipeline.text_encoder.to(handle.device)
+            defaults = load_defaults(path)
+        except (CheckpointError, FileNotFoundError, ValueError, WontFitError) as err:
+            message = f"STIV Loader: cannot load {model_name!r}: {err}"
+        else:
+            return (STIVModel(pipeline, defaults, model_name, handle),)
+        raise STIVInputError(message)
+

@@ -1,0 +1,105 @@
+"""What the sampling nodes share: their settings as one dataclass, and a run with ComfyUI's progress bar,
+a latent preview each step, interrupt between steps (memory freed) and readable errors."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+from PIL import Image
+
+from ..stiv_core.memory import WontFitError
+from ..stiv_core.pipeline import FrameCondition, GenerationRequest, STIVPipeline
+from ..stiv_core.sampling import GenerationCancelled, GuidanceConfig, GuidanceMode, SamplerConfig, StepInfo, Stepper
+from ..stiv_core.sampling.sampler import StepCallback
+from . import _comfy
+from .types import STIVConditioning, STIVInputError, STIVModel
+
+MAX_SEED = 2 ** 63 - 1   # long videos add the window index to the seed
+
+
+def settings_inputs(defaults: Optional[dict] = None) -> dict:
+    """The widgets every sampling node has (their names are `SamplingSettings`' fields)."""
+    d = {"width": 32, "height": 32, "steps": 25, **(defaults or {})}
+    return {
+        "seed": ("INT", {"default": 0, "min": 0, "max": MAX_SEED, "control_after_generate": True}),
+        "width": ("INT", {"default": d["width"], "min": 4, "max": 4096, "step": 4}),
+        "height": ("INT", {"default": d["height"], "min": 4, "max": 4096, "step": 4}),
+        "steps": ("INT", {"default": d["steps"], "min": 1, "max": 500}),
+        "shift": ("FLOAT", {"default": 1.0, "min": 0.05, "max": 20.0, "step": 0.05,
+                            "tooltip": "time shift; > 1 spends more steps near noise"}),
+        "stepper": ([s.value for s in Stepper], {"default": Stepper.EULER.value}),
+        "guidance": ([m.value for m in GuidanceMode], {"default": GuidanceMode.JIT.value,
+                     "tooltip": "jit: joint image-text CFG (2 passes); sit: separate (3 passes); "
+                                "cfg: text only; none: 1 pass"}),
+        "scale": ("FLOAT", {"default": 7.5, "min": 0.0, "max": 30.0, "step": 0.1,
+                            "tooltip": "guidance scale (text, or text+image for jit)"}),
+        "image_scale": ("FLOAT", {"default": 1.5, "min": 0.0, "max": 30.0, "step": 0.1,
+                                  "tooltip": "SIT-CFG's image scale"}),
+        "renormalize": ("BOOLEAN", {"default": False, "tooltip": "rescale the guided velocity to the "
+                                                                  "conditional one's norm"}),
+    }
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    seed: int
+    width: int
+    height: int
+    steps: int
+    shift: float
+    stepper: str
+    guidance: str
+    scale: float
+    image_scale: float
+    renormalize: bool
+
+    def sampler_config(self) -> SamplerConfig:
+        guidance = GuidanceConfig(self.guidance, scale=self.scale, image_scale=self.image_scale,
+                                  renormalize=self.renormalize)
+        return SamplerConfig(steps=self.steps, shift=self.shift, stepper=self.stepper, guidance=guidance)
+
+    def request(self, cond: STIVConditioning, num_frames: int, *, frame_stride: int = 1) -> GenerationRequest:
+        """The pipeline's request; the condition images are placed for `num_frames` frames."""
+        frames: Optional[FrameCondition] = None
+        if cond.images is not None:
+            frames = cond.images.frame_condition(num_frames, self.height, self.width)
+        return GenerationRequest(cond.prompt, num_frames, self.height, self.width, seed=self.seed,
+                                 sampler=self.sampler_config(), condition=frames,
+                                 negative_prompt=cond.negative_prompt, frame_stride=frame_stride)
+
+
+def preview_image(pipeline: STIVPipeline, denoised: torch.Tensor) -> Image.Image:
+    """The middle frame of the first video's clean estimate, as a PIL image."""
+    mid = denoised.shape[2] // 2
+    with torch.inference_mode():
+        frame = pipeline.vae.decode(denoised[:1, :, mid : mid + 1].float())[0, :, 0]
+    rgb = ((frame.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+    return Image.fromarray(rgb)
+
+
+def run_sampling(model: STIVModel, total_steps: int, node: str,
+                 work: Callable[[StepCallback], torch.Tensor]) -> dict:
+    """`work(callback)` -> latents, as a LATENT; interrupt raises ComfyUI's interrupt, bad input a
+    STIVInputError naming the node. Either way the run's memory is released before raising."""
+    bar, done = _comfy.progress_bar(total_steps), 0
+
+    def on_step(info: StepInfo) -> bool:
+        nonlocal done
+        if _comfy.interrupt_requested():
+            return False
+        done += 1
+        bar.update_absolute(done, total_steps, _comfy.preview_payload(preview_image(model.pipeline, info.denoised)))
+        return True
+
+    try:
+        return {"samples": work(on_step).cpu()}
+    except GenerationCancelled:
+        failure = None
+    except (ValueError, WontFitError) as err:
+        failure = f"{node}: {err}"
+    # outside the except blocks: the traceback (and the tensors its frames hold) is gone by now
+    _comfy.free_memory()
+    if failure is None:
+        _comfy.raise_interrupted()
+    raise STIVInputError(failure)

@@ -1,0 +1,118 @@
+"""What travels between the STIV nodes: typed dataclasses, converted to ComfyUI types only at the edge.
+
+STIV_MODEL = `STIVModel`, STIV_COND = `STIVConditioning`; ComfyUI's IMAGE is `[N, H, W, C]` in 0..1
+and its LATENT a dict `{"samples": (B, C, T, h, w)}`.
+"""
+from __future__ import annotations
+
+import enum
+import logging
+from dataclasses import dataclass, replace
+from typing import Optional
+
+import torch
+
+from ..stiv_core.bundle import SamplingDefaults
+from ..stiv_core.memory import MemoryHandle
+from ..stiv_core.pipeline import FrameCondition, STIVPipeline
+from ..stiv_core.video_io import fit_image
+
+log = logging.getLogger("stiv.nodes")
+
+
+class STIVInputError(ValueError):
+    """A bad input, with a message written for the person at the ComfyUI canvas."""
+
+
+@dataclass(frozen=True)
+class STIVModel:
+    """STIV_MODEL: the pipeline (transformer + its text encoder and VAE) with memory options applied."""
+
+    pipeline: STIVPipeline
+    defaults: SamplingDefaults
+    name: str
+    memory: Optional[MemoryHandle] = None
+
+
+class FramePosition(str, enum.Enum):
+    """Which frames of the video the condition images are."""
+
+    FIRST = "first"              # TI2V
+    LAST = "last"
+    FIRST_LAST = "first+last"    # interpolation
+    FIRST_K = "first k"          # video prediction
+    KEYFRAMES = "keyframes"      # every `stride`-th frame from 0
+
+
+@dataclass(frozen=True)
+class ImageCondition:
+    """Condition images `(k, 3, H, W)` in [-1, 1] and where they go (indices need the frame count)."""
+
+    pixels: torch.Tensor
+    position: FramePosition
+    stride: int = 1
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "position", FramePosition(self.position))
+        k, need = self.pixels.shape[0], {FramePosition.FIRST: 1, FramePosition.LAST: 1,
+                                         FramePosition.FIRST_LAST: 2}.get(self.position)
+        if need is not None and k != need:
+            raise STIVInputError(f"'{self.position.value}' takes {need} image{'s' * (need > 1)}, got a batch "
+                                 f"of {k}; pick 'first k' or 'keyframes' to give several frames")
+        if self.stride < 1:
+            raise STIVInputError(f"keyframe stride must be >= 1, got {self.stride}")
+
+    def indices(self, num_frames: int) -> tuple[int, ...]:
+        k, p = self.pixels.shape[0], self.position
+        if p is FramePosition.FIRST:
+            idx = [0]
+        elif p is FramePosition.LAST:
+            idx = [num_frames - 1]
+        elif p is FramePosition.FIRST_LAST:
+            idx = [0, num_frames - 1]
+        elif p is FramePosition.FIRST_K:
+            idx = list(range(k))
+        else:
+            idx = [i * self.stride for i in range(k)]
+        if len(set(idx)) != len(idx) or max(idx) >= num_frames:
+            raise STIVInputError(f"{k} image(s) as '{p.value}' (stride {self.stride}) need frames {idx}, "
+                                 f"but the video has {num_frames} (0..{num_frames - 1}); give fewer images "
+                                 f"or more frames")
+        return tuple(idx)
+
+    def frame_condition(self, num_frames: int, height: int, width: int) -> FrameCondition:
+        """The pipeline's FrameCondition; images of another size are centre-cropped and resized."""
+        indices = self.indices(num_frames)
+        pixels = self.pixels
+        if pixels.shape[-2:] != (height, width):
+            log.warning("condition images are %dx%d px; centre-cropped and resized to the video's %dx%d",
+                        pixels.shape[-1], pixels.shape[-2], width, height)
+            pixels = torch.stack([fit_image(p, height, width) for p in pixels])
+        return FrameCondition(pixels.permute(1, 0, 2, 3)[None], indices)
+
+
+@dataclass(frozen=True)
+class STIVConditioning:
+    """STIV_COND: the prompt, an optional negative prompt, and the given frames (None = text-to-video)."""
+
+    prompt: str
+    negative_prompt: Optional[str] = None
+    images: Optional[ImageCondition] = None
+
+    def with_images(self, images: Optional[ImageCondition]) -> STIVConditioning:
+        return replace(self, images=images)
+
+
+def image_to_pixels(image: torch.Tensor) -> torch.Tensor:
+    """ComfyUI IMAGE `[N, H, W, C]` in 0..1 -> `(N, 3, H, W)` in [-1, 1] (alpha dropped, grey expanded)."""
+    if image.dim() == 3:
+        image = image[None]
+    if image.dim() != 4 or image.shape[-1] not in (1, 3, 4):
+        raise STIVInputError(f"expected an IMAGE batch [N, H, W, C], got shape {tuple(image.shape)}")
+    rgb = image[..., :3] if image.shape[-1] != 1 else image.expand(*image.shape[:3], 3)
+    return (rgb.float().permute(0, 3, 1, 2) * 2 - 1).clamp(-1, 1)
+
+
+def video_to_image(pixels: torch.Tensor) -> torch.Tensor:
+    """Videos `(B, 3, T, H, W)` in [-1, 1] -> IMAGE `[B*T, H, W, 3]` in 0..1 (videos one after another)."""
+    return ((pixels.float().clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 4, 1).flatten(0, 1).contiguous()

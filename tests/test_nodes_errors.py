@@ -1,0 +1,92 @@
+"""Bad input gives a message a ComfyUI user understands (naming the node and what is allowed), and the
+next run works."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from stiv_core.checkpoint import save_model
+from stiv_core.config import preset
+from stiv_core.model.transformer import STIVTransformer
+from tests.test_nodes import SETTINGS, decode, images, load, node, sample, text
+from tests.test_nodes_common import MODEL_FILE, pack_module, write_small_bundle
+
+types = pack_module("nodes.types")
+Err = types.STIVInputError
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("models")
+    write_small_bundle(folder)
+    (folder / "corrupt.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
+    (folder / "other.safetensors").write_bytes(b"")
+    save_model(folder / "bare.safetensors", STIVTransformer(preset("tiny", depth=1, hidden_size=32, num_heads=2)))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("STIV_MODEL_DIRS", str(folder))
+        yield folder
+
+
+@pytest.mark.parametrize("name,message", [
+    ("corrupt.safetensors", "cannot load 'corrupt.safetensors'"),
+    ("other.safetensors", "cannot load 'other.safetensors'"),
+    ("bare.safetensors", "without its text encoder"),
+    ("gone.safetensors", "no model file 'gone.safetensors'"),
+])
+def test_wrong_model_files(folder, name, message):
+    with pytest.raises(Err, match=message):
+        load(name)
+
+
+def test_builtin_model_missing_or_block_swap_too_high(folder):
+    from stiv_core.bundle import BUILTIN_MODELS
+    if not BUILTIN_MODELS["tiny"].is_file():
+        with pytest.raises(Err, match="built-in 'tiny' model is not in this checkout"):
+            load("tiny (built-in)")
+    with pytest.raises(Err, match=r"this model has 1 blocks \(0..1\)"):
+        load(block_swap=2)
+
+
+@pytest.mark.parametrize("frames,count,message", [
+    ("first", 2, "'first' takes 1 image, got a batch of 2"),
+    ("first+last", 3, "'first\\+last' takes 2 images, got a batch of 3"),
+    ("last", 0, "'last' takes 1 image, got a batch of 0"),
+])
+def test_image_batch_that_does_not_match_the_frames(frames, count, message):
+    with pytest.raises(Err, match="STIV Image Condition: " + message):
+        node("STIVImageCondition")(text(), images(count), frames, 1)
+
+
+def test_bad_sampler_inputs_then_a_good_run(folder):
+    model = load()
+    too_many = node("STIVImageCondition")(text(), images(5), "first k", 1)[0]
+    cases = [
+        (dict(cond=too_many), "STIV Sampler: 5 image\\(s\\) as 'first k'.*the video has 4"),
+        (dict(cond=node("STIVImageCondition")(text(), images(3), "keyframes", 2)[0]), "need frames \\[0, 2, 4\\]"),
+        (dict(frames=5), "STIV Sampler: 5 latent frames do not fit temporal patch 2"),
+        (dict(width=18), "STIV Sampler: 18x16 px: width and height must be multiples of 4"),
+        (dict(scale=float("nan")), "guidance scale must be a finite number"),
+        (dict(guidance="pag"), "unknown guidance mode 'pag'"),
+    ]
+    for change, message in cases:
+        cond = change.pop("cond", text())
+        with pytest.raises(Err, match=message):
+            sample(model, cond, **change)
+    with pytest.raises(Err, match="a long video needs at least 2 keyframes"):
+        node("STIVKeyframeInterpolate")(model, text(), keyframes=1, keyframe_stride=3, **SETTINGS)
+    with pytest.raises(Err, match="keyframe count \\(2\\) and stride \\+ 1 \\(3, the frames"):
+        node("STIVKeyframeInterpolate")(model, text(), keyframes=2, keyframe_stride=2, **SETTINGS)
+    assert decode(model, sample(model, text())).shape == (4, 16, 16, 3)
+
+
+def test_empty_prompt_and_foreign_latents():
+    with pytest.raises(Err, match="the prompt is empty"):
+        text("  ")
+    with pytest.raises(Err, match="expected an IMAGE batch"):
+        types.image_to_pixels(torch.rand(2, 3))
+
+
+def test_decode_refuses_latents_of_another_model(folder):
+    model = load()
+    with pytest.raises(Err, match="STIV Decode: expected STIV video latents \\(B, 3, T, h, w\\).*got \\(1, 4, 8, 8\\)"):
+        decode(model, {"samples": torch.zeros(1, 4, 8, 8)})
