@@ -49,9 +49,7 @@ class STIVBlock(nn.Module):
         h = self.cross_attn(norm(x).flatten(1, 2), text, text_mask, backend)  # (B, T*S, D)
         x = x + h.view(b, t, s, d)
 
-        h = norm(x).transpose(1, 2).flatten(0, 1)                          # (B*S, T, D)
-        h = self.temporal_attn(h, temporal_rope, backend)
-        x = x + h.view(b, s, t, d).transpose(1, 2)
+        x = x + self.temporal_attn.forward_over_time(norm(x), temporal_rope, backend)  # over T, per S
 
         h = self.ffn(modulate(norm(x), shift_ff, scale_ff))
         return x + gate_ff * norm(h)
@@ -158,7 +156,7 @@ class STIVTransformer(nn.Module):
         dtype = self.patch_embed.weight.dtype
         text, text_mask, pooled_text = self._drop_text(text.to(dtype), text_mask, pooled_text.to(dtype), text_drop)
 
-        tokens = self.patch_embed(x.to(dtype)).flatten(3).permute(0, 2, 3, 1)  # (B, T', S, D)
+        tokens = self.patch_embed(x.to(dtype)).flatten(3).permute(0, 2, 3, 1).contiguous()  # (B, T', S, D)
         if frame_mask is not None:
             given = frame_mask.to(dtype).view(b, grid[0], cfg.temporal_patch)
             tokens = tokens + self.given_frame_embed(given)[:, :, None]
