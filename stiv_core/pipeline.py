@@ -148,15 +148,20 @@ def long_video_latents(pipeline: STIVPipeline, request: GenerationRequest, *, ke
     """
     if keyframes < 2:
         raise ValueError(f"a long video needs at least 2 keyframes, got {keyframes}")
-    if stride < 1:
-        raise ValueError(f"keyframe stride must be >= 1, got {stride}")
-    pt = pipeline.model.config.temporal_patch
-    if keyframes % pt or (stride + 1) % pt:
-        raise ValueError(f"with temporal patch {pt}, the keyframe count ({keyframes}) and stride + 1 "
-                         f"({stride + 1}, the frames of each interpolated window) must be multiples of {pt}")
+    check_long_video(pipeline, keyframes, stride)
     keys = pipeline.sample_latents(replace(request, num_frames=keyframes, frame_stride=stride), callback=callback)
+    return interpolate_keyframes(pipeline, request, keys, stride=stride, callback=callback)
+
+
+def interpolate_keyframes(pipeline: STIVPipeline, request: GenerationRequest, keys: torch.Tensor, *, stride: int,
+                          callback: Optional[StepCallback] = None) -> torch.Tensor:
+    """Fill `stride - 1` frames between each pair of keyframe latents `(B, C, K, h, w)`: K -> (K-1)*S+1.
+
+    Each pair is one interpolation window of `stride + 1` frames; windows share their boundary frames.
+    """
+    check_long_video(pipeline, None, stride)
     windows = [keys[:, :, :1]]
-    for i in range(keyframes - 1):
+    for i in range(keys.shape[2] - 1):
         window_request = replace(request, num_frames=stride + 1, frame_stride=1, seed=request.seed + 1 + i,
                                  condition=None)
         plan = FrameReplacementPlan.interpolation(keys[:, :, i], keys[:, :, i + 1], stride + 1)
@@ -164,6 +169,15 @@ def long_video_latents(pipeline: STIVPipeline, request: GenerationRequest, *, ke
         windows.append(window[:, :, 1:])  # its first frame is the previous window's last
     return torch.cat(windows, dim=2)
 
+
+def check_long_video(pipeline: STIVPipeline, keyframes: Optional[int], stride: int) -> None:
+    """Keyframe counts and strides the temporal patch can take (clear errors otherwise)."""
+    if stride < 1:
+        raise ValueError(f"keyframe stride must be >= 1, got {stride}")
+    pt = pipeline.model.config.temporal_patch
+    if (keyframes is not None and keyframes % pt) or (stride + 1) % pt:
+        raise ValueError(f"with temporal patch {pt}, the keyframe count ({keyframes}) and stride + 1 "
+                         f"({stride + 1}, the frames of each interpolated window) must be multiples of {pt}")
 
 
 def temporal_upsample_latents(pipeline: STIVPipeline, request: GenerationRequest, latents: torch.Tensor, *,

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from stiv_core.pipeline import (FrameCondition, GenerationRequest, generate, generate_long,
-                                long_video_latents, seeded_noise, temporal_upsample_latents)
+                                interpolate_keyframes, long_video_latents, seeded_noise,
+                                temporal_upsample_latents)
 from stiv_core.sampling import GuidanceConfig, SamplerConfig
 from tests.fakes import tiny_pipeline
 
@@ -112,3 +113,12 @@ def test_temporal_upsample_refuses_a_window_the_patch_cannot_take():
     pipe = tiny_pipeline(temporal_patch=4)
     with pytest.raises(ValueError, match="temporal patch 4"):
         temporal_upsample_latents(pipe, request(num_frames=6), torch.randn(1, 12, 5, 4, 4))
+
+
+def test_keyframes_then_interpolation_as_two_passes_equals_the_long_video():
+    pipe = tiny_pipeline()
+    keys = pipe.sample_latents(request(num_frames=4, frame_stride=3))
+    chained = interpolate_keyframes(pipe, request(), keys, stride=3)
+    assert torch.equal(chained, long_video_latents(pipe, request(), keyframes=4, stride=3))
+    with pytest.raises(ValueError, match="multiples of 2"):
+        interpolate_keyframes(pipe, request(), keys, stride=2)
