@@ -1,14 +1,15 @@
 """The ComfyUI nodes (thin: convert ComfyUI types at the edge, call one stiv_core function).
 
 STIV Loader -> STIV_MODEL; STIV Text Encode / STIV Image Condition -> STIV_COND; STIV Sampler or STIV
-Keyframe -> Interpolate -> LATENT; STIV Decode -> IMAGE, which ComfyUI's CreateVideo / SaveVideo save.
+Keyframe -> Interpolate (or, chained, STIV Sampler -> STIV Interpolate Keyframes) -> LATENT; STIV Decode
+-> IMAGE, which ComfyUI's CreateVideo / SaveVideo save.
 """
 from . import _comfy
 from .conditioning import STIVImageCondition, STIVTextEncode
 from .decode import STIVDecode
 from .loader import STIVLoader
 from .plan import register_routes
-from .sampler import STIVKeyframeInterpolate, STIVSampler
+from .sampler import STIVInterpolateKeyframes, STIVKeyframeInterpolate, STIVSampler
 
 NODE_CLASS_MAPPINGS: dict[str, type] = {
     "STIVLoader": STIVLoader,
@@ -16,6 +17,7 @@ NODE_CLASS_MAPPINGS: dict[str, type] = {
     "STIVImageCondition": STIVImageCondition,
     "STIVSampler": STIVSampler,
     "STIVKeyframeInterpolate": STIVKeyframeInterpolate,
+    "STIVInterpolateKeyframes": STIVInterpolateKeyframes,
     "STIVDecode": STIVDecode,
 }
 NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {
@@ -24,6 +26,7 @@ NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {
     "STIVImageCondition": "STIV Image Condition",
     "STIVSampler": "STIV Sampler",
     "STIVKeyframeInterpolate": "STIV Keyframe -> Interpolate",
+    "STIVInterpolateKeyframes": "STIV Interpolate Keyframes",
     "STIVDecode": "STIV Decode",
 }
 

@@ -1,9 +1,12 @@
-"""STIV Sampler (frame replacement + guidance) and STIV Keyframe -> Interpolate (a long video)."""
+"""STIV Sampler (frame replacement + guidance), STIV Keyframe -> Interpolate (a long video in one node) and
+STIV Interpolate Keyframes (its second half, after a STIV Sampler run with a frame_stride)."""
 from __future__ import annotations
 
-from ..stiv_core.pipeline import long_video_latents
+import torch
+
+from ..stiv_core.pipeline import interpolate_keyframes, long_video_latents
 from .run import SamplingSettings, run_sampling, settings_inputs
-from .types import STIVConditioning, STIVModel
+from .types import STIVConditioning, STIVInputError, STIVModel
 
 
 class STIVSampler:
@@ -69,3 +72,56 @@ class STIVKeyframeInterpolate:
                                       callback=callback)
 
         return (run_sampling(model, s.steps * keyframes, "STIV Keyframe -> Interpolate", work),)
+
+
+class STIVInterpolateKeyframes:
+    CATEGORY = "STIV/sampling"
+    RETURN_TYPES = ("LATENT",)
+    RETURN_NAMES = ("latent",)
+    FUNCTION = "sample"
+    DESCRIPTION = ("Fills `keyframe_stride - 1` frames between each pair of keyframes from a STIV Sampler run "
+                   "with frame_stride = keyframe_stride: K keyframes -> (K - 1) * stride + 1 frames, the "
+                   "keyframes kept exactly. With the same seed and settings on both nodes this equals STIV "
+                   "Keyframe -> Interpolate. The video size comes from the keyframes.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        settings = {k: v for k, v in settings_inputs().items() if k not in ("width", "height")}
+        return {"required": {
+            "model": ("STIV_MODEL",),
+            "conditioning": ("STIV_COND",),
+            "keyframes": ("LATENT", {"tooltip": "a STIV Sampler's output, sampled with frame_stride = "
+                                                "keyframe_stride"}),
+            "keyframe_stride": ("INT", {"default": 5, "min": 1, "max": 256,
+                                        "tooltip": "the keyframes' frame_stride; stride + 1 must be a "
+                                                   "multiple of the temporal patch"}),
+            **settings,
+        }}
+
+    def sample(self, model: STIVModel, conditioning: STIVConditioning, keyframes: dict, keyframe_stride: int,
+               **settings):
+        keys = keyframe_latents(model, keyframes)
+        factor = model.pipeline.vae.spatial_factor
+        s = SamplingSettings(width=keys.shape[4] * factor, height=keys.shape[3] * factor, **settings)
+
+        def work(callback):
+            # the images (if any) conditioned the keyframe pass; the windows are conditioned on the keyframes
+            request = s.request(conditioning.with_images(None), keys.shape[2], frame_stride=keyframe_stride)
+            return interpolate_keyframes(model.pipeline, request, keys.to(model.pipeline.device),
+                                         stride=keyframe_stride, callback=callback)
+
+        return (run_sampling(model, s.steps * (keys.shape[2] - 1), "STIV Interpolate Keyframes", work),)
+
+
+def keyframe_latents(model: STIVModel, latent: dict) -> torch.Tensor:
+    """LATENT -> keyframe latents `(B, C, K, h, w)` of this model's VAE, K >= 2, or a readable error."""
+    samples = latent.get("samples") if isinstance(latent, dict) else None
+    channels = model.pipeline.vae.latent_channels
+    if not isinstance(samples, torch.Tensor) or samples.dim() != 5 or samples.shape[1] != channels:
+        shape = tuple(samples.shape) if isinstance(samples, torch.Tensor) else type(samples).__name__
+        raise STIVInputError(f"STIV Interpolate Keyframes: expected keyframe latents (B, {channels}, K, h, w) "
+                             f"from a STIV Sampler run with this model, got {shape}")
+    if samples.shape[2] < 2:
+        raise STIVInputError(f"STIV Interpolate Keyframes: needs at least 2 keyframes to interpolate between, "
+                             f"got {samples.shape[2]}; sample more frames in the keyframe pass")
+    return samples.float()

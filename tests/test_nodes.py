@@ -108,6 +108,22 @@ def test_long_video_shares_its_keyframes_with_a_keyframe_pass(model):
     torch.testing.assert_close(decode(model, long)[0], picture[0], atol=1e-6, rtol=0)
 
 
+
+def test_keyframes_then_interpolate_keyframes_equals_the_one_node_long_video(model):
+    picture = images(1, 5)
+    cond = node("STIVImageCondition")(text(), picture, "first", 1)[0]
+    one_node = node("STIVKeyframeInterpolate")(model, cond, keyframes=4, keyframe_stride=3, **SETTINGS)[0]
+    keys = node("STIVSampler")(model, cond, frames=4, frame_stride=3, **SETTINGS)[0]
+    chained_settings = {k: v for k, v in SETTINGS.items() if k not in SIZE}   # the size comes from the keys
+    chained = node("STIVInterpolateKeyframes")(model, cond, keys, keyframe_stride=3, **chained_settings)[0]
+    assert chained["samples"].shape == one_node["samples"].shape == (1, 3, 10, 16, 16)
+    assert torch.equal(chained["samples"], one_node["samples"])
+    assert torch.equal(chained["samples"][:, :, ::3], keys["samples"])
+    # another seed on the second pass: the keyframes stay, the frames between them change
+    other = node("STIVInterpolateKeyframes")(model, cond, keys, keyframe_stride=3, **{**chained_settings, "seed": 9})[0]
+    assert torch.equal(other["samples"][:, :, ::3], keys["samples"])
+    assert not torch.equal(other["samples"], chained["samples"])
+
 class Recorder:
     def __init__(self, total):
         self.total, self.calls = total, []

@@ -79,6 +79,28 @@ def test_bad_sampler_inputs_then_a_good_run(folder):
     assert decode(model, sample(model, text())).shape == (4, 16, 16, 3)
 
 
+def test_interpolate_keyframes_refuses_what_is_not_keyframes_of_this_model_then_runs(folder):
+    model = load()
+    settings = {k: v for k, v in SETTINGS.items() if k not in ("width", "height")}
+    interpolate = node("STIVInterpolateKeyframes")
+    keys = node("STIVSampler")(model, text(), frames=2, frame_stride=3, **SETTINGS)[0]
+    cases = [
+        ({"samples": torch.zeros(1, 4, 8, 8)}, 3, "expected keyframe latents \\(B, 3, K, h, w\\) from a STIV "
+                                                  "Sampler run with this model, got \\(1, 4, 8, 8\\)"),
+        ({"samples": torch.zeros(1, 4, 2, 8, 8)}, 3, "got \\(1, 4, 2, 8, 8\\)"),
+        ({"image": torch.zeros(1, 3, 2, 4, 4)}, 3, "got NoneType"),
+        ({"samples": keys["samples"][:, :, :1]}, 3, "needs at least 2 keyframes.*got 1"),
+        (keys, 2, "stride \\+ 1 \\(3, the frames of each interpolated window\\) "
+                  "must be multiples of 2"),
+        ({"samples": torch.zeros(1, 3, 2, 6, 6)}, 3, "6x6 px: width and height "
+                                                     "must be multiples of 4"),
+    ]
+    for latent, stride, message in cases:
+        with pytest.raises(Err, match="STIV Interpolate Keyframes: .*" + message):
+            interpolate(model, text(), latent, keyframe_stride=stride, **settings)
+    assert interpolate(model, text(), keys, keyframe_stride=3, **settings)[0]["samples"].shape[2] == 4
+
+
 def test_empty_prompt_and_foreign_latents():
     with pytest.raises(Err, match="the prompt is empty"):
         text("  ")
