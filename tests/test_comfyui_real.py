@@ -1,0 +1,313 @@
+"""Opt-in: the pack inside a real ComfyUI (COMFYUI_DIR=/path/to/ComfyUI python -m pytest -m comfyui ...).
+
+ComfyUI runs headless on the CPU, on loopback only, with a temporary base directory whose custom_nodes/
+holds a link to this checkout (the ComfyUI checkout itself is not touched). The pack must load with no
+import error, every shared workflow (converted from UI to API format here) must run to a saved video
+through the HTTP API, and the page must load js/stiv.js in headless Chromium with no console error about
+it. Without the built-in weights the workflows are pointed at a small random bundle in models/stiv.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tests.test_nodes_common import MODEL_FILE, ROOT, write_small_bundle
+
+COMFYUI_DIR = os.environ.get("COMFYUI_DIR")
+pytestmark = [pytest.mark.comfyui,
+              pytest.mark.skipif(not COMFYUI_DIR or not (Path(COMFYUI_DIR) / "main.py").is_file(),
+                                 reason="set COMFYUI_DIR to a ComfyUI checkout to run the real-ComfyUI tests")]
+PACK_DIR = "ComfyUI-STIV"
+STIV_NODES = {"STIVLoader", "STIVTextEncode", "STIVImageCondition", "STIVSampler", "STIVKeyframeInterpolate",
+              "STIVInterpolateKeyframes", "STIVDecode"}
+WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+START_TIMEOUT_S, RUN_TIMEOUT_S, PAGE_TIMEOUT_S = 240, 600, 120
+BUILTIN = ROOT / "stiv_core" / "weights" / "stiv_tiny.safetensors"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, url: str, base: Path, log: Path, model_name: str | None):
+        self.url, self.base, self.log, self.model_name = url, base, log, model_name
+
+    def get(self, path: str, timeout: float = 30):
+        with urllib.request.urlopen(self.url + path, timeout=timeout) as r:
+            return json.loads(r.read())
+
+    def post(self, path: str, body: dict):
+        request = urllib.request.Request(self.url + path, json.dumps(body).encode(),
+                                         {"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=30) as r:
+                return json.loads(r.read())
+        except urllib.error.HTTPError as err:
+            raise AssertionError(f"POST {path}: {err.code} {err.read()[:2000]!r}") from None
+
+    def log_tail(self, n: int = 60) -> str:
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
+
+
+def prepare_base(base: Path) -> str | None:
+    """custom_nodes/ with a link to this checkout, an input image, and (without the built-in weights) a
+    small random bundle in models/stiv; returns the model file the workflows should load, or None."""
+    (base / "custom_nodes").mkdir(parents=True)
+    (base / "custom_nodes" / PACK_DIR).symlink_to(ROOT, target_is_directory=True)
+    (base / "input").mkdir()
+    example = Path(COMFYUI_DIR) / "input" / "example.png"
+    if example.is_file():
+        shutil.copy(example, base / "input" / "example.png")
+    else:
+        from PIL import Image
+        Image.new("RGB", (64, 48), (200, 40, 120)).save(base / "input" / "example.png")
+    if BUILTIN.is_file():
+        return None
+    write_small_bundle(base / "models" / "stiv")
+    return MODEL_FILE
+
+
+@pytest.fixture(scope="module")
+def server():
+    base = Path(tempfile.mkdtemp(prefix="stiv-comfy-"))
+    model_name = prepare_base(base)
+    port, log = free_port(), base / "comfyui.log"
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
+                                 "--base-directory", str(base), "--disable-auto-launch"],
+                                cwd=COMFYUI_DIR, stdout=out, stderr=subprocess.STDOUT, env=env)
+    srv = Server(f"http://127.0.0.1:{port}", base, log, model_name)
+    try:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"ComfyUI exited with {proc.returncode}:\n{srv.log_tail()}")
+            try:
+                srv.get("/system_stats", timeout=5)
+                break
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                if time.monotonic() > deadline:
+                    pytest.fail(f"ComfyUI did not answer in {START_TIMEOUT_S} s:\n{srv.log_tail()}")
+                time.sleep(1)
+        yield srv
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=20)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+# -- UI format -> API format ----------------------------------------------------------------------
+def is_widget(spec: list) -> bool:
+    return isinstance(spec[0], list) or spec[0] in WIDGET_TYPES
+
+
+def to_api(workflow: dict, object_info: dict) -> dict:
+    """The frontend's "Save (API)": nodes by id with class_type and inputs; links as [node_id, slot];
+    widget values mapped to input names in INPUT_TYPES order, skipping the extra values the frontend
+    keeps after a seed (control_after_generate) and after an image upload combo."""
+    links = {link[0]: link for link in workflow["links"]}
+    prompt = {}
+    for n in workflow["nodes"]:
+        info = object_info[n["type"]]
+        declared = {**info["input"].get("required", {}), **info["input"].get("optional", {})}
+        inputs, values = {}, list(n.get("widgets_values") or [])
+        for name, spec in declared.items():
+            if not is_widget(spec):
+                continue
+            opts = spec[1] if len(spec) > 1 else {}
+            inputs[name] = values.pop(0)
+            if opts.get("control_after_generate") or (spec[0] == "INT" and name in ("seed", "noise_seed")):
+                values.pop(0)
+            if opts.get("image_upload"):
+                values.pop(0)
+        assert not values, f"{n['type']}: widget values left over {values}"
+        for socket_ in n.get("inputs", []):
+            if socket_.get("link") is not None:
+                _, origin, origin_slot, *_ = links[socket_["link"]]
+                inputs[socket_["name"]] = [str(origin), origin_slot]
+        prompt[str(n["id"])] = {"class_type": n["type"], "inputs": inputs}
+    return prompt
+
+
+def shipped_workflows() -> list[Path]:
+    return sorted((ROOT / "workflows").glob("*.json"))
+
+
+def test_the_pack_loads_with_every_node_and_the_extension(server):
+    info = server.get("/object_info", timeout=60)
+    assert STIV_NODES <= set(info), f"missing: {STIV_NODES - set(info)}\n{server.log_tail()}"
+    assert {"CreateVideo", "SaveVideo", "LoadImage", "ImageFromBatch"} <= set(info)
+    log = server.log.read_text(errors="replace")
+    assert "IMPORT FAILED" not in "\n".join(l for l in log.splitlines() if PACK_DIR in l), log
+    assert f"/extensions/{PACK_DIR}/stiv.js" in server.get("/extensions")
+    with urllib.request.urlopen(f"{server.url}/extensions/{PACK_DIR}/stiv.js", timeout=30) as r:
+        assert b'registerExtension' in r.read()
+
+
+@pytest.mark.parametrize("path", shipped_workflows(), ids=lambda p: p.stem)
+def test_every_shared_workflow_runs_to_a_saved_video(server, path):
+    import av
+
+    workflow = json.loads(path.read_text())
+    if server.model_name is not None:
+        for n in workflow["nodes"]:
+            if n["type"] == "STIVLoader":
+                n["widgets_values"][0] = server.model_name
+    prompt = to_api(workflow, server.get("/object_info", timeout=60))
+    before = set((server.base / "output").rglob("*.mp4"))
+    prompt_id = server.post("/prompt", {"prompt": prompt, "client_id": "stiv-test"})["prompt_id"]
+    deadline = time.monotonic() + RUN_TIMEOUT_S
+    while not (history := server.get(f"/history/{prompt_id}")):
+        assert time.monotonic() < deadline, f"{path.stem} did not finish in {RUN_TIMEOUT_S} s:\n{server.log_tail()}"
+        time.sleep(1)
+    status = history[prompt_id]["status"]
+    assert status["status_str"] == "success", json.dumps(status["messages"])[:3000] + "\n" + server.log_tail()
+    new = set((server.base / "output").rglob("*.mp4")) - before
+    assert len(new) == 1, f"saved: {sorted(new)}"
+    with av.open(str(new.pop())) as video:
+        frames = [f for f in video.decode(video=0)]
+    assert len(frames) == 16 and (frames[0].width, frames[0].height) == (32, 32)
+
+
+# -- the frontend in headless Chromium --------------------------------------------------------------
+def chromium() -> str | None:
+    return next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)),
+                None)
+
+
+class Page:
+    """A tiny Chrome DevTools Protocol client over one page's websocket: commands and the events seen."""
+
+    def __init__(self, ws):
+        self.ws, self.next_id, self.events = ws, 0, []
+
+    def call(self, method: str, timeout: float = 60, **params) -> dict:
+        self.next_id += 1
+        self.ws.send(json.dumps({"id": self.next_id, "method": method, "params": params}))
+        deadline = time.monotonic() + timeout
+        while True:
+            message = json.loads(self.ws.recv(timeout=max(0.1, deadline - time.monotonic())))
+            if message.get("id") == self.next_id:
+                assert "error" not in message, f"{method}: {message['error']}"
+                return message["result"]
+            self.events.append(message)
+
+    def pump(self, seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                self.events.append(json.loads(self.ws.recv(timeout=left)))
+            except TimeoutError:
+                return
+
+    def evaluate(self, expression: str, timeout: float = 60):
+        result = self.call("Runtime.evaluate", timeout=timeout, expression=expression, awaitPromise=True,
+                           returnByValue=True)
+        assert "exceptionDetails" not in result, result["exceptionDetails"]
+        return result["result"].get("value")
+
+
+@pytest.fixture(scope="module")
+def page(server):
+    binary = chromium()
+    if binary is None:
+        pytest.skip("no chromium here (Debian: apt-get install chromium)")
+    port, profile = free_port(), Path(tempfile.mkdtemp(prefix="stiv-chromium-"))
+    proc = subprocess.Popen([binary, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                             "--disable-component-update", "--disable-sync", "--no-first-run",
+                             "--disable-dev-shm-usage", "--window-size=1400,900", f"--user-data-dir={profile}",
+                             "--remote-debugging-address=127.0.0.1", f"--remote-debugging-port={port}",
+                             "about:blank"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=5) as r:
+                    target = next(t for t in json.loads(r.read()) if t["type"] == "page")
+                break
+            except (urllib.error.URLError, ConnectionError, StopIteration):
+                assert proc.poll() is None and time.monotonic() < deadline, "chromium did not start"
+                time.sleep(0.5)
+        from websockets.sync.client import connect
+        with connect(target["webSocketDebuggerUrl"], max_size=None, open_timeout=30) as ws:
+            p = Page(ws)
+            for domain in ("Network", "Runtime", "Log", "Page"):
+                p.call(f"{domain}.enable")
+            p.call("Page.navigate", url=server.url + "/")
+            deadline = time.monotonic() + PAGE_TIMEOUT_S
+            while not p.evaluate("Boolean(window.app?.graph && window.app?.extensions?.length)"):
+                assert time.monotonic() < deadline, "the ComfyUI page did not start its app"
+                p.pump(1)
+            p.pump(3)
+            yield p
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        shutil.rmtree(profile, ignore_errors=True)
+
+
+def console_errors(events: list) -> list[str]:
+    out = []
+    for e in events:
+        m, p = e.get("method"), e.get("params", {})
+        if m == "Runtime.exceptionThrown":
+            out.append(json.dumps(p["exceptionDetails"])[:1000])
+        elif m == "Runtime.consoleAPICalled" and p.get("type") == "error":
+            out.append(" ".join(str(a.get("value", a.get("description", ""))) for a in p.get("args", [])))
+        elif m == "Log.entryAdded" and p["entry"].get("level") == "error":
+            out.append(p["entry"].get("text", "") + " " + p["entry"].get("url", ""))
+    return out
+
+
+def test_the_frontend_loads_the_extension_in_headless_chromium(page):
+    requested = {e["params"]["response"]["url"]: e["params"]["response"]["status"] for e in page.events
+                 if e.get("method") == "Network.responseReceived"}
+    ours = {u: s for u, s in requested.items() if f"/extensions/{PACK_DIR}/" in u}
+    assert any(u.endswith("/stiv.js") for u in ours) and set(ours.values()) == {200}, ours
+    assert "STIV.Nodes" in page.evaluate("window.app.extensions.map(e => e.name)")
+    errors = [e for e in console_errors(page.events) if "stiv" in e.lower()]
+    assert not errors, errors
+
+
+def test_the_frontend_opens_the_text_to_video_workflow(page, tmp_path):
+    """Every node of the shared T2V workflow is known to the real frontend (none shown as missing);
+    with STIV_SCREENSHOT_DIR set, a screenshot of it is saved there (the README's picture)."""
+    workflow = (ROOT / "workflows" / "stiv_text_to_video.json").read_text()
+    page.evaluate(f"window.app.loadGraphData({workflow}).then(() => true)")
+    page.pump(3)
+    types = page.evaluate("window.app.graph._nodes.map(n => [n.type, Boolean(n.has_errors)])")
+    assert sorted(t for t, _ in types) == sorted(n["type"] for n in json.loads(workflow)["nodes"])
+    assert not [t for t, missing in types if missing], types
+    errors = [e for e in console_errors(page.events) if "stiv" in e.lower()]
+    assert not errors, errors
+    folder = os.environ.get("STIV_SCREENSHOT_DIR")
+    if folder:
+        import base64
+        page.evaluate("document.querySelectorAll('.p-dialog-close-button, .p-toast-close-button')"
+                      ".forEach(b => b.click()) || true")
+        page.pump(2)
+        shot = page.call("Page.captureScreenshot", format="png")["data"]
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        (Path(folder) / "stiv_text_to_video.png").write_bytes(base64.b64decode(shot))
