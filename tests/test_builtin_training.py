@@ -63,3 +63,18 @@ def test_shapes_bench_runs_a_bundle_and_writes_its_json(trained, tmp_path):
     assert saved["interp"]["endpoint_psnr"] >= 99 and saved["long"]["frames"] == 4
     assert set(saved["interp"]) >= {"endpoint_psnr", "monotone_rate"} and "color_drift" in saved["long"]
     assert saved["seconds_per_video"] > 0
+
+
+def test_training_samples_are_videos_and_strips_of_the_same_frames(trained, tmp_path):
+    from stiv_core.training.samples import write_samples
+    from stiv_core.video_io import read_video
+
+    config = load_config(CONFIG, [f'output_dir="{tmp_path}"', "sample_steps=2", "model.depth=1", "model.hidden_size=32",
+                                  "model.num_heads=2", "model.text_dim=32", "model.pooled_text_dim=32",
+                                  "data.buckets=[[4, 16, 16]]"])
+    pipe = load_pipeline(trained.model_path)
+    paths = write_samples(pipe.model, pipe.text_encoder, pipe.vae, config, step=7)
+    assert [p.name for p in paths] == ["step_00000007_0.mp4", "step_00000007_1.mp4"]
+    video = read_video(paths[0])
+    assert video.shape == (3, 4, 256, 256)  # upscaled for viewing
+    assert (tmp_path / "samples" / "step_00000007_0.png").is_file()

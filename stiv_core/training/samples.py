@@ -1,4 +1,8 @@
-"""Sample videos during training, through the same `generate()` that users call, from the EMA model."""
+"""Sample videos during training, through the same `generate()` that users call, from the EMA model.
+
+Each prompt gives an `.mp4` (H.264, what browsers and TensorBoard-less users play) and a PNG film strip
+(every frame side by side: one glance shows what the model has learnt).
+"""
 from __future__ import annotations
 
 import logging
@@ -12,6 +16,7 @@ from ..interfaces import TextEncoder, VideoVAE
 from ..model.transformer import STIVTransformer
 from ..pipeline import GenerationRequest, STIVPipeline, generate
 from ..sampling import SamplerConfig
+from ..video_io import write_video
 from .config import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -19,17 +24,20 @@ log = logging.getLogger(__name__)
 
 def write_samples(model: STIVTransformer, text_encoder: TextEncoder, vae: VideoVAE, config: TrainConfig,
                   step: int) -> list[Path]:
-    """One PNG film strip (frames left to right) per prompt in `output_dir/samples/`."""
+    """Per prompt, `step_NNNNNNNN_i.mp4` and a PNG film strip beside it in `output_dir/samples/`."""
     frames, height, width = config.data.buckets[0]
     pipeline = STIVPipeline(model.eval(), text_encoder, vae)
     out_dir = config.output_path / "samples"
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
     for i, prompt in enumerate(config.sample_prompts):
-        request = GenerationRequest(prompt, frames, height * vae.spatial_factor, width * vae.spatial_factor,
-                                    seed=config.seed + i, sampler=SamplerConfig(steps=config.sample_steps))
+        # buckets are in pixels, which is what a request takes
+        request = GenerationRequest(prompt, frames, height, width, seed=config.seed + i,
+                                    sampler=SamplerConfig(steps=config.sample_steps))
         pixels = generate(pipeline, request)[0]  # (3, T, H, W) in [-1, 1]
-        paths.append(save_strip(pixels, out_dir / f"step_{step:08d}_{i}.png"))
+        name = f"step_{step:08d}_{i}"
+        paths.append(write_video(out_dir / f"{name}.mp4", pixels, upscale=max(1, 256 // max(height, width))))
+        save_strip(pixels, out_dir / f"{name}.png")
     log.info("wrote %d sample videos for step %d", len(paths), step)
     return paths
 
