@@ -40,13 +40,11 @@ from .checkpoint import save_model
 from .data.loader import build_dataset, build_loader, mix_seed
 from .data.sample import SampleBatch
 from .bundle import SamplingDefaults, save_bundle
-from .data.shapes import VOCABULARY
-from .data.stand_ins import HashedTextEncoder
-from .encoders.pixel import PixelVAE
 from .encoders.words import WordTextEncoder
 from .interfaces import TextEncoder, VideoVAE
 from .model.transformer import STIVTransformer
-from .training.config import EXPORT_DTYPES, ConfigError, TextEncoderKind, TrainConfig, load_config
+from .training.config import EXPORT_DTYPES, ConfigError, TrainConfig, load_config
+from .training.encoders import build_encoders
 from .training.ema import EMA
 from .training.init import initialize
 from .training.optim import build_optimizer, build_scheduler
@@ -109,7 +107,7 @@ def run(accelerator: Accelerator, config: TrainConfig) -> TrainResult:
     ema = EMA(model, config.optim.ema_decay)
     optimizer = build_optimizer(model.parameters(), config.optim)
     scheduler = build_scheduler(optimizer, config.optim)  # stepped by us: once per optimizer step
-    text_encoder, vae = build_encoders(config)
+    text_encoder, vae = build_encoders(config, accelerator.device)
     state = TrainerState()
     if resume_from is not None:
         state = load_checkpoint(resume_from, model=model, ema_model=ema.model, optimizer=optimizer,
@@ -188,31 +186,6 @@ def encode_batch(batch: SampleBatch, text_encoder: TextEncoder, vae: VideoVAE, c
         latents = vae.encode(batch.pixels.to(device)).float()
         text = text_encoder.encode(list(batch.captions)).fit(config.model.max_text_tokens).to(device)
     return TrainBatch(latents, text, batch.micro.to(device))
-
-
-def build_encoders(config: TrainConfig) -> tuple[TextEncoder, VideoVAE]:
-    """The text encoder (hashed stand-in or the built-in word encoder) and the pixel VAE.
-
-    The word encoder is frozen at a seeded random initialisation (the same on resume and on every
-    process); the model's caption projection learns on top of it, and it ships inside the bundle.
-    """
-    m = config.model
-    vae = PixelVAE()
-    if m.latent_channels != vae.latent_channels:
-        raise ConfigError(f"model.latent_channels is {m.latent_channels}, but the pixel VAE gives "
-                          f"{vae.latent_channels} channels: set model.latent_channels = 3")
-    if config.text_encoder == TextEncoderKind.WORDS:
-        if m.pooled_text_dim != m.text_dim:
-            raise ConfigError(f"model.pooled_text_dim ({m.pooled_text_dim}) must equal model.text_dim "
-                              f"({m.text_dim}) for the word encoder")
-        with torch.random.fork_rng():
-            torch.manual_seed(config.seed)
-            words = WordTextEncoder(VOCABULARY, dim=m.text_dim, max_tokens=m.max_text_tokens)
-        return words.eval().requires_grad_(False), vae
-    if m.pooled_text_dim > m.text_dim:
-        raise ConfigError(f"model.pooled_text_dim ({m.pooled_text_dim}) must be <= model.text_dim "
-                          f"({m.text_dim}) for the hashed text encoder")
-    return HashedTextEncoder(m.text_dim, m.pooled_text_dim, m.max_text_tokens), vae
 
 
 def _resume_point(config: TrainConfig) -> Optional[Path]:

@@ -9,7 +9,8 @@ from stiv_core import evaluate
 from stiv_core import generate as cli
 from stiv_core.bundle import load_defaults, load_pipeline
 from stiv_core.data.shapes import VOCABULARY
-from stiv_core.train import build_encoders, train
+from stiv_core.train import train
+from stiv_core.training.encoders import build_encoders
 from stiv_core.training.config import load_config
 
 CONFIG = str(Path(__file__).resolve().parents[1] / "stiv_core" / "configs" / "tiny.toml")

@@ -85,7 +85,7 @@ class CachedDataset(Dataset):
 
 def write_cache(config, out_dir: str | Path, *, shard_size: int = 256) -> list[Path]:
     """Encode the dataset of TrainConfig `config` into shards in `out_dir`; returns the shard paths."""
-    from ..train import build_encoders
+    from ..training.encoders import build_encoders
     from .loader import build_dataset
 
     data_config = dataclasses.replace(config.data, random_crop=False, cache_dir="")

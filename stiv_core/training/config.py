@@ -46,6 +46,12 @@ class DataKind(str, enum.Enum):
 class TextEncoderKind(str, enum.Enum):
     HASHED = "hashed"  # a fixed random vector per word, no position (tests, stand-ins)
     WORDS = "words"    # the built-in word-level encoder (with positions), shipped in the model bundle
+    HF = "hf"          # T5 / CLIP / any Hugging Face encoder from text_encoder_path (local, offline)
+
+
+class VAEKind(str, enum.Enum):
+    PIXEL = "pixel"          # pixel space: an exact identity (the built-in model)
+    DIFFUSERS = "diffusers"  # an AutoencoderKL (SD, SDXL, ...) from vae_path (local, offline)
 
 
 class InitKind(str, enum.Enum):
@@ -172,6 +178,9 @@ class TrainConfig:
     mixed_precision: MixedPrecision = MixedPrecision.NO
     gradient_checkpointing: bool = False
     text_encoder: TextEncoderKind = TextEncoderKind.HASHED
+    text_encoder_path: str = ""         # the local folder for text_encoder = "hf"
+    vae: VAEKind = VAEKind.PIXEL
+    vae_path: str = ""                  # the local folder or file for vae = "diffusers"
     optim: OptimConfig = field(default_factory=OptimConfig)
     recipe: RecipeConfig = field(default_factory=RecipeConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -180,6 +189,11 @@ class TrainConfig:
     def __post_init__(self) -> None:
         _coerce_enum(self, "mixed_precision", MixedPrecision)
         _coerce_enum(self, "text_encoder", TextEncoderKind)
+        _coerce_enum(self, "vae", VAEKind)
+        if self.text_encoder == TextEncoderKind.HF:
+            _need(bool(self.text_encoder_path), "text_encoder_path", "is required for text_encoder='hf'", "")
+        if self.vae == VAEKind.DIFFUSERS:
+            _need(bool(self.vae_path), "vae_path", "is required for vae='diffusers'", "")
         _need(bool(self.output_dir), "output_dir", "must be a folder path", self.output_dir)
         for key in ("max_steps", "batch_size", "checkpoint_every", "keep_last", "log_every", "sample_steps"):
             _need(getattr(self, key) >= 1, key, "must be >= 1", getattr(self, key))

@@ -1,0 +1,67 @@
+"""The trainer's text encoder and VAE, chosen by the config; their widths must fit the model config.
+
+- text: `hashed` (a fixed vector per word; tests), `words` (the built-in word-level encoder, frozen at
+  a seeded initialisation so every process and every resume builds the same one; it ships in the
+  exported bundle), `hf` (T5, CLIP or any Hugging Face encoder from `text_encoder_path`, offline);
+- vae: `pixel` (pixel space, the built-in model's) or `diffusers` (an AutoencoderKL from `vae_path`).
+"""
+from __future__ import annotations
+
+import torch
+
+from ..data.shapes import VOCABULARY
+from ..data.stand_ins import HashedTextEncoder
+from ..encoders.pixel import PixelVAE
+from ..encoders.words import WordTextEncoder
+from ..interfaces import TextEncoder, VideoVAE
+from .config import ConfigError, TextEncoderKind, TrainConfig, VAEKind
+
+
+def build_encoders(config: TrainConfig, device: torch.device | str = "cpu") -> tuple[TextEncoder, VideoVAE]:
+    vae = build_vae(config, device)
+    return build_text_encoder(config, device), vae
+
+
+def build_vae(config: TrainConfig, device: torch.device | str) -> VideoVAE:
+    m = config.model
+    if config.vae == VAEKind.DIFFUSERS:
+        from ..encoders.vae import DiffusersVAE
+
+        vae = DiffusersVAE(config.vae_path, device=device)
+    else:
+        vae = PixelVAE()
+    if m.latent_channels != vae.latent_channels:
+        raise ConfigError(f"model.latent_channels is {m.latent_channels}, but the {config.vae.value} VAE gives "
+                          f"{vae.latent_channels} channels: set model.latent_channels = {vae.latent_channels}")
+    step = vae.spatial_factor * m.patch_size
+    for frames, height, width in config.data.buckets:
+        if height % step or width % step:
+            raise ConfigError(f"data.buckets: {width}x{height} px is not a multiple of {step} (VAE factor "
+                              f"{vae.spatial_factor} x patch {m.patch_size})")
+    return vae
+
+
+def build_text_encoder(config: TrainConfig, device: torch.device | str) -> TextEncoder:
+    m = config.model
+    if config.text_encoder == TextEncoderKind.WORDS:
+        _need_widths(m, m.text_dim, m.text_dim, "the word encoder (pooled = token width)")
+        with torch.random.fork_rng():
+            torch.manual_seed(config.seed)
+            words = WordTextEncoder(VOCABULARY, dim=m.text_dim, max_tokens=m.max_text_tokens)
+        return words.to(device).eval().requires_grad_(False)
+    if config.text_encoder == TextEncoderKind.HF:
+        from ..encoders.hf import HFTextEncoder
+
+        encoder = HFTextEncoder(config.text_encoder_path, max_tokens=m.max_text_tokens, device=device)
+        _need_widths(m, encoder.dim, encoder.pooled_dim, config.text_encoder_path)
+        return encoder
+    if m.pooled_text_dim > m.text_dim:
+        raise ConfigError(f"model.pooled_text_dim ({m.pooled_text_dim}) must be <= model.text_dim "
+                          f"({m.text_dim}) for the hashed text encoder")
+    return HashedTextEncoder(m.text_dim, m.pooled_text_dim, m.max_text_tokens)
+
+
+def _need_widths(model, dim: int, pooled: int, what: str) -> None:
+    if (model.text_dim, model.pooled_text_dim) != (dim, pooled):
+        raise ConfigError(f"model.text_dim / model.pooled_text_dim are {model.text_dim} / {model.pooled_text_dim}, "
+                          f"but {what} gives {dim} / {pooled}: set them to match")
