@@ -6,7 +6,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 
 from ..stiv_core.bundle import resolve_model_path
 from ..stiv_core.checkpoint import CheckpointError, load_config

@@ -15,7 +15,6 @@ import argparse
 import json
 import os
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Optional, Sequence
 
 import torch

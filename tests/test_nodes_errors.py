@@ -9,7 +9,7 @@ from stiv_core.checkpoint import save_model
 from stiv_core.config import preset
 from stiv_core.model.transformer import STIVTransformer
 from tests.test_nodes import SETTINGS, decode, images, load, node, sample, text
-from tests.test_nodes_common import MODEL_FILE, pack_module, write_small_bundle
+from tests.test_nodes_common import pack_module, write_small_bundle
 
 types = pack_module("nodes.types")
 Err = types.STIVInputError

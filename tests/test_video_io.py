@@ -3,7 +3,6 @@ import logging
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from stiv_core.data.shapes import ShapeParams, render

@@ -21,7 +21,7 @@ import torch
 from ..config import STIVConfig
 from ..model.attention import AttentionBackend
 from ..sampling.guidance import GuidanceConfig, GuidanceMode
-from .quant import QuantConfig, QuantMode, quantize_blocks, tensor_bytes
+from .quant import QuantConfig, quantize_blocks, tensor_bytes
 
 MiB, GiB = 2 ** 20, 2 ** 30
 CUDA_WORKSPACE = 512 * MiB   # cuBLAS workspaces, allocator fragmentation, kernels' scratch
