@@ -38,11 +38,11 @@ def test_wrong_model_files(folder, name, message):
         load(name)
 
 
-def test_builtin_model_missing_or_block_swap_too_high(folder):
+def test_builtin_model_missing_or_block_swap_too_high(folder, tmp_path, monkeypatch):
     from stiv_core.bundle import BUILTIN_MODELS
-    if not BUILTIN_MODELS["tiny"].is_file():
-        with pytest.raises(Err, match="built-in 'tiny' model is not in this checkout"):
-            load("tiny (built-in)")
+    monkeypatch.setitem(BUILTIN_MODELS, "tiny", tmp_path / "not_shipped.safetensors")  # a checkout without it
+    with pytest.raises(Err, match="built-in 'tiny' model is not in this checkout"):
+        load("tiny (built-in)")
     with pytest.raises(Err, match=r"this model has 1 blocks \(0..1\)"):
         load(block_swap=2)
 
