@@ -38,9 +38,10 @@ function loaderOf(node) {
 
 async function refreshPlan(node) {
   const loader = loaderOf(node);
-  if (!loader) return;
+  const query = loader && planQuery(node.comfyClass, values(node), values(loader));
+  if (!query) return;
   try {
-    const response = await api.fetchApi(`/stiv/plan?${planQuery(node.comfyClass, values(node), values(loader))}`);
+    const response = await api.fetchApi(`/stiv/plan?${query}`);
     node.stivPlan = planLines(await response.json());
   } catch (err) {
     node.stivPlan = [`plan unavailable: ${err}`];

@@ -11,6 +11,7 @@ const SAMPLER_RULES = {
 export const RULES = {
   STIVSampler: SAMPLER_RULES,
   STIVKeyframeInterpolate: SAMPLER_RULES,
+  STIVInterpolateKeyframes: SAMPLER_RULES, // frames and size come from its keyframe LATENT
   STIVImageCondition: {
     keyframe_stride: (v) => v.frames === "keyframes",
     last_image: (v) => v.frames === "first+last", // an optional IMAGE socket
@@ -23,9 +24,13 @@ export function hiddenInputs(nodeType, values) {
   return Object.keys(rules).filter((name) => !rules[name](values));
 }
 
-/** The query string of GET /stiv/plan, from the sampler's and the loader's widget values. */
+/** The query string of GET /stiv/plan, from the sampler's and the loader's widget values; null for a
+ * node whose widgets do not say the frames and size (STIV Interpolate Keyframes takes them from its
+ * keyframe LATENT), so no plan is asked for rather than one for the wrong shape. */
 export function planQuery(nodeType, sampler, loader) {
+  if (nodeType === "STIVInterpolateKeyframes") return null;
   const frames = nodeType === "STIVKeyframeInterpolate" ? sampler.keyframe_stride + 1 : sampler.frames;
+  if (![frames, sampler.width, sampler.height].every(Number.isInteger)) return null;
   const q = {
     model_name: loader.model_name, frames, width: sampler.width, height: sampler.height,
     guidance: sampler.guidance, stepper: sampler.stepper, quantization: loader.quantization,

@@ -291,23 +291,73 @@ def test_the_frontend_loads_the_extension_in_headless_chromium(page):
     assert not errors, errors
 
 
-def test_the_frontend_opens_the_text_to_video_workflow(page, tmp_path):
-    """Every node of the shared T2V workflow is known to the real frontend (none shown as missing);
-    with STIV_SCREENSHOT_DIR set, a screenshot of it is saved there (the README's picture)."""
-    workflow = (ROOT / "workflows" / "stiv_text_to_video.json").read_text()
-    page.evaluate(f"window.app.loadGraphData({workflow}).then(() => true)")
-    page.pump(3)
-    types = page.evaluate("window.app.graph._nodes.map(n => [n.type, Boolean(n.has_errors)])")
-    assert sorted(t for t, _ in types) == sorted(n["type"] for n in json.loads(workflow)["nodes"])
-    assert not [t for t, missing in types if missing], types
+SCREENSHOT_MAX_BYTES = 200_000
+
+
+@pytest.mark.parametrize("path", shipped_workflows(), ids=lambda p: p.stem)
+def test_the_frontend_opens_every_shared_workflow(page, server, path):
+    """Every node of each shared workflow is known to the real frontend (registered, none shown as
+    missing), the extension's rules ran on it (image_scale hidden outside SIT, a plan line on the samplers
+    that have frames and size widgets, none on STIV Interpolate Keyframes); with STIV_SCREENSHOT_DIR set, a
+    screenshot of it is saved there as <workflow>.png (the README's pictures)."""
+    workflow = json.loads(path.read_text())
+    if server.model_name is not None:  # as in the run test: the small random bundle, so the plan is real
+        for n in workflow["nodes"]:
+            if n["type"] == "STIVLoader":
+                n["widgets_values"][0] = server.model_name
+    page.evaluate(f"window.app.loadGraphData({json.dumps(workflow)}, true, true, {json.dumps(path.stem)})"
+                  ".then(() => true)")
+    expected = sorted(n["type"] for n in workflow["nodes"])
+    state = "window.app.graph._nodes.map(n => ({type: n.type, missing: Boolean(n.has_errors), " \
+            "registered: n.type in LiteGraph.registered_node_types, plan: n.stivPlan ?? null, " \
+            "hidden: (n.widgets || []).filter(w => w.hidden).map(w => w.name), " \
+            "widgets: Object.fromEntries((n.widgets || []).map(w => [w.name, w.value]))}))"
+    deadline = time.monotonic() + 30
+    while True:  # the extension asks for the plan 300 ms after a node is set up
+        page.pump(1)
+        nodes_ = page.evaluate(state)
+        samplers = [n for n in nodes_ if n["type"] in ("STIVSampler", "STIVKeyframeInterpolate")]
+        if all(n["plan"] for n in samplers) or time.monotonic() > deadline:
+            break
+    assert sorted(n["type"] for n in nodes_) == expected
+    assert all(n["registered"] and not n["missing"] for n in nodes_), nodes_
+    for n in nodes_:
+        if "guidance" in n["widgets"]:
+            assert ("image_scale" in n["hidden"]) == (n["widgets"]["guidance"] != "sit"), n
+        if n["type"] in ("STIVSampler", "STIVKeyframeInterpolate"):
+            assert n["plan"], n
+            if server.model_name is not None:
+                assert "tokens x" in n["plan"][0], n["plan"]
+        if n["type"] == "STIVInterpolateKeyframes":
+            assert n["plan"] is None, n
     errors = [e for e in console_errors(page.events) if "stiv" in e.lower()]
     assert not errors, errors
     folder = os.environ.get("STIV_SCREENSHOT_DIR")
     if folder:
-        import base64
-        page.evaluate("document.querySelectorAll('.p-dialog-close-button, .p-toast-close-button')"
-                      ".forEach(b => b.click()) || true")
-        page.pump(2)
-        shot = page.call("Page.captureScreenshot", format="png")["data"]
-        Path(folder).mkdir(parents=True, exist_ok=True)
-        (Path(folder) / "stiv_text_to_video.png").write_bytes(base64.b64decode(shot))
+        save_screenshot(page, Path(folder) / f"{path.stem}.png")
+
+
+def save_screenshot(page: Page, target: Path) -> None:
+    """The canvas fitted to the graph, without dialogs, toasts, minimap and canvas info; a PNG under
+    SCREENSHOT_MAX_BYTES (downscaled with Pillow if needed)."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    page.evaluate("(async () => { const s = window.app.extensionManager.setting;"
+                  " await s.set('Comfy.Minimap.Visible', false); await s.set('Comfy.Graph.CanvasInfo', false);"
+                  " document.querySelectorAll('.p-dialog-close-button, .p-toast-close-button')"
+                  ".forEach(b => b.click());"
+                  " await window.app.extensionManager.command.execute('Comfy.Canvas.FitView'); return true; })()")
+    page.pump(2)
+    image = Image.open(io.BytesIO(base64.b64decode(page.call("Page.captureScreenshot", format="png")["data"])))
+    image = image.convert("RGB")
+    while True:
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG", optimize=True)
+        if buffer.tell() < SCREENSHOT_MAX_BYTES:
+            break
+        image = image.resize((image.width * 4 // 5, image.height * 4 // 5), Image.LANCZOS)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_bytes(buffer.getvalue())

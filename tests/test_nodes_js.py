@@ -17,6 +17,7 @@ pytestmark = pytest.mark.skipif(NODE is None, reason="node.js is not installed")
 
 SCRIPT = """
 const rules = await import(process.argv[1]);
+const loader = {model_name: "small.safetensors", quantization: "none", block_swap: 0, weight_dtype: "auto"};
 const out = {
   rules: Object.fromEntries(Object.entries(rules.RULES).map(([k, v]) => [k, Object.keys(v)])),
   jit: rules.hiddenInputs("STIVSampler", {guidance: "jit"}),
@@ -28,6 +29,15 @@ const out = {
   query: rules.planQuery("STIVSampler", {frames: 4, width: 16, height: 16, guidance: "sit", stepper: "euler"},
                          {model_name: "small.safetensors", quantization: "none", block_swap: 0, weight_dtype: "auto"}),
   lines: rules.planLines({error: "no model"}),
+  interpJit: rules.hiddenInputs("STIVInterpolateKeyframes", {guidance: "jit"}),
+  interpSit: rules.hiddenInputs("STIVInterpolateKeyframes", {guidance: "sit"}),
+  interpNone: rules.hiddenInputs("STIVInterpolateKeyframes", {guidance: "none"}),
+  interpQuery: rules.planQuery("STIVInterpolateKeyframes",
+                               {keyframe_stride: 5, seed: 0, steps: 8, shift: 3.0, stepper: "euler", guidance: "jit",
+                                scale: 5.0, image_scale: 2.0, renormalize: true}, loader),
+  keyframeQuery: rules.planQuery("STIVKeyframeInterpolate",
+                                 {keyframes: 4, keyframe_stride: 5, width: 16, height: 16, guidance: "jit",
+                                  stepper: "euler"}, loader),
 };
 console.log(JSON.stringify(out));
 """
@@ -46,6 +56,23 @@ def test_modes_hide_what_they_do_not_use(js):
     assert set(js["first"]) == {"keyframe_stride", "last_image"}
     assert js["firstLast"] == ["keyframe_stride"] and js["keyframes"] == ["last_image"]
     assert js["lines"] == ["plan: no model"]
+
+
+def test_interpolate_keyframes_hides_like_the_samplers_and_asks_no_plan(js):
+    """STIV Interpolate Keyframes has the samplers' guidance inputs, so the same ones hide; its frames and
+    size come from the keyframe LATENT (no widgets), so no plan is asked for rather than a wrong one."""
+    assert js["interpJit"] == ["image_scale"] and js["interpSit"] == []
+    assert set(js["interpNone"]) == {"scale", "image_scale", "renormalize"}
+    assert js["interpQuery"] is None
+    from urllib.parse import parse_qs
+    assert parse_qs(js["keyframeQuery"])["frames"] == ["6"]
+
+
+def test_every_node_with_guidance_has_the_sampler_rules(js):
+    for kind, cls in nodes.NODE_CLASS_MAPPINGS.items():
+        spec = cls.INPUT_TYPES()
+        if "guidance" in {*spec["required"], *spec.get("optional", {})}:
+            assert set(js["rules"].get(kind, ())) >= {"scale", "image_scale", "renormalize"}, kind
 
 
 def test_every_hidden_name_is_an_input_of_its_node(js):
