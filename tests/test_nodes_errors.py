@@ -39,8 +39,8 @@ def test_wrong_model_files(folder, name, message):
 
 
 def test_builtin_model_missing_or_block_swap_too_high(folder, tmp_path, monkeypatch):
-    from stiv_core.bundle import BUILTIN_MODELS
-    monkeypatch.setitem(BUILTIN_MODELS, "tiny", tmp_path / "not_shipped.safetensors")  # a checkout without it
+    # the pack's own copy of stiv_core (ComfyUI imports it under the pack's name): a checkout without it
+    monkeypatch.setitem(pack_module("stiv_core.bundle").BUILTIN_MODELS, "tiny", tmp_path / "not_shipped.safetensors")
     with pytest.raises(Err, match="built-in 'tiny' model is not in this checkout"):
         load("tiny (built-in)")
     with pytest.raises(Err, match=r"this model has 1 blocks \(0..1\)"):
