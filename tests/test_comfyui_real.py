@@ -81,6 +81,16 @@ def prepare_base(base: Path) -> str | None:
     return MODEL_FILE
 
 
+
+def stop(proc: subprocess.Popen) -> None:
+    """Terminate a server or browser we started; kill it if it does not go within 20 s."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=20)
+
 @pytest.fixture(scope="module")
 def server():
     base = Path(tempfile.mkdtemp(prefix="stiv-comfy-"))
@@ -106,12 +116,7 @@ def server():
                 time.sleep(1)
         yield srv
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=20)
+        stop(proc)
         shutil.rmtree(base, ignore_errors=True)
 
 
@@ -260,11 +265,7 @@ def page(server):
             p.pump(3)
             yield p
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop(proc)
         shutil.rmtree(profile, ignore_errors=True)
 
 
