@@ -75,6 +75,7 @@ class Job:
     upsample: int
     memory: MemoryOptions
     decode_chunk: int = 16
+    fps: float = 8.0          # of the written video (the model's rate x the temporal upsampling)
 
 
 def memory_options(args: argparse.Namespace) -> MemoryOptions:
@@ -120,7 +121,7 @@ def make_job(args: argparse.Namespace, model_path: Path) -> Job:
                                 condition=_condition(args, frames, height, width),
                                 negative_prompt=args.negative_prompt)
     return Job(request, args.keyframes, args.keyframe_stride or frames - 1, args.temporal_upsample,
-               memory_options(args))
+               memory_options(args), fps=args.fps or d.fps * args.temporal_upsample)
 
 
 def _condition(args: argparse.Namespace, frames: int, height: int, width: int) -> Optional[FrameCondition]:
@@ -188,8 +189,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (ValueError, FileNotFoundError, WontFitError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    fps = args.fps or load_defaults(model_path).fps * job.upsample
-    out = write_video(args.out, video, fps=fps, upscale=args.upscale)
+    out = write_video(args.out, video, fps=job.fps, upscale=args.upscale)
     print(f"wrote {out} ({video.shape[1]} frames, {video.shape[3]}x{video.shape[2]} px)")
     return 0
 
