@@ -4,8 +4,10 @@ resident vs half swapped vs all swapped blocks, for each quantization.
 Rows run interleaved in one process (resident, half, all, resident, ...), so load from other
 processes hits every row alike; medians are reported with the planner's estimate beside them.
 Random weights (speed and memory do not depend on their values). On the CPU ("device = CPU") the
-block swapper runs its full ring/copy/hook machinery with synchronous copies: the overhead column is
-what that machinery costs. On CUDA the peak is `torch.cuda.max_memory_allocated`.
+swapped rows run the block swapper as the CLI and nodes do there: its full ring/hook machinery with
+slots pointing at the CPU masters (no copies), so their overhead column is what the machinery costs;
+the extra "+ copies" rows add the synchronous memcpy of every streamed block (what tests exercise, and
+what a CPU cannot overlap with compute). On CUDA the peak is `torch.cuda.max_memory_allocated`.
 
     python bench/memory.py                                   # CPU rows (a small config)
     python bench/memory.py --device cuda --preset XL --size 256 --frames 20
@@ -30,6 +32,7 @@ from stiv_core.config import STIVConfig, preset  # noqa: E402
 from stiv_core.memory.options import MemoryOptions, apply_memory_options  # noqa: E402
 from stiv_core.memory.planner import GiB, MiB, Budget, RunShape, plan_memory  # noqa: E402
 from stiv_core.memory.quant import QuantMode  # noqa: E402
+from stiv_core.memory.swap import BlockSwapper  # noqa: E402
 from stiv_core.model.transformer import STIVTransformer  # noqa: E402
 
 
@@ -89,6 +92,9 @@ def main() -> None:
     shape = RunShape(args.frames, args.size // 8, args.size // 8)
     blocks = config.depth + config.maskdit_extra_blocks
     swaps = {"resident": 0, "half swapped": blocks // 2, "all swapped": blocks}
+    copied = {}  # CPU only: the same swap with a real memcpy into the ring per streamed block
+    if args.device == "cpu":
+        copied = {"half swapped + copies": blocks // 2, "all swapped + copies": blocks}
     inputs = inputs_for(config, shape, args.device, dtype)
     base = build(config, dtype)
     rows = []
@@ -97,8 +103,13 @@ def main() -> None:
         for label, n in swaps.items():
             opts = MemoryOptions(QuantMode(quant), block_swap=n, device=args.device)
             handles[label] = apply_memory_options(copy.deepcopy(base), opts)
-        times = {label: [] for label in swaps}
-        peaks = {label: 0 for label in swaps}
+        for label, n in copied.items():
+            handle = apply_memory_options(copy.deepcopy(base), MemoryOptions(QuantMode(quant), device="cpu"))
+            BlockSwapper(handle.model, n, device="cpu", cpu_copies=True).attach()
+            handles[label] = handle
+        rows_of = {**swaps, **copied}
+        times = {label: [] for label in rows_of}
+        peaks = {label: 0 for label in rows_of}
         for _ in range(args.repeats + 1):  # the first round warms up and is dropped
             for label, handle in handles.items():
                 if args.device == "cuda":
@@ -106,7 +117,7 @@ def main() -> None:
                 times[label].append(timed(handle.model, inputs, args.device))
                 if args.device == "cuda":
                     peaks[label] = max(peaks[label], torch.cuda.max_memory_allocated())
-        for label, n in swaps.items():
+        for label, n in rows_of.items():
             budget = Budget(10 ** 15, 10 ** 15, args.device)
             est = plan_memory(config, shape, budget, quant=handles[label].quant, dtype=dtype, blocks_to_swap=n)
             median = statistics.median(times[label][1:])

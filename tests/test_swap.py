@@ -101,6 +101,33 @@ class TestRing:
         assert [p.data_ptr() for p in model.blocks[1].parameters()] == ptrs
 
 
+class TestCpuAliasing:
+    """cpu_copies=False: the same ring bookkeeping, slots pointing at the masters, nothing copied."""
+
+    @pytest.mark.parametrize("swap,prefetch", [(1, 1), (3, 1), (4, 2)])
+    def test_equals_resident_and_copies_nothing(self, make_model, make_inputs, tiny_config, swap, prefetch):
+        model = make_model(depth=4)
+        inputs = make_inputs(tiny_config)
+        expected = _forward(model, inputs)
+        copying = BlockSwapper(copy.deepcopy(model), swap, device=DEVICE, prefetch=prefetch).attach()
+        aliasing = BlockSwapper(model, swap, device=DEVICE, prefetch=prefetch, cpu_copies=False).attach()
+        for _ in range(3):
+            assert torch.equal(_forward(model, inputs), expected)
+            _forward(copying.model, inputs)
+        assert aliasing.stats.loads == copying.stats.loads > 0  # the same ring order
+        assert aliasing.stats.bytes_copied == 0 < copying.stats.bytes_copied
+
+    def test_blocks_compute_with_their_masters(self, make_model, make_inputs, tiny_config):
+        model = make_model(depth=3)
+        swapper = BlockSwapper(model, 2, device=DEVICE, cpu_copies=False).attach()
+        masters = [[p.data_ptr() for p in block.parameters()] for block in model.blocks[1:]]
+        seen = []
+        for block in model.blocks[1:]:
+            block.register_forward_pre_hook(lambda m, a: seen.append([p.data_ptr() for p in m.parameters()]))
+        _forward(model, make_inputs(tiny_config))
+        assert seen == masters and swapper.stats.loads >= 2
+
+
 class TestErrors:
     def test_gradients_are_refused(self, make_model, make_inputs, tiny_config):
         model = make_model(depth=2).requires_grad_(True)

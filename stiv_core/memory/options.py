@@ -125,7 +125,10 @@ def apply_memory_options(model: nn.Module, options: MemoryOptions, *, shape: Opt
         raise ValueError("block_swap='auto' needs the run's shape to plan with (pass shape=RunShape(...))")
     swapper = None
     if swap:
-        swapper = BlockSwapper(model, swap, device=device, prefetch=options.prefetch).attach()
+        if device.type == "cpu":
+            _note(notes, "block swap with device = CPU saves no memory (the blocks already live in RAM): "
+                         "its hooks run, but the ring points at the CPU masters instead of copying them")
+        swapper = BlockSwapper(model, swap, device=device, prefetch=options.prefetch, cpu_copies=False).attach()
     else:
         model.to(device)
     if options.compile:

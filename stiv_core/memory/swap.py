@@ -14,7 +14,10 @@ changed while it samples. How it works:
   waits until the compute that last read it is done.
 
 With device = CPU the same ring, order and pointer swaps run with synchronous copies: that is how
-the logic is tested on machines without a GPU. Inference only: autograd would keep references to
+the logic is tested on machines without a GPU. `cpu_copies=False` keeps that bookkeeping but points a
+ring slot at the block's master instead of copying it (on the CPU the master already is in the
+"device" memory): what the nodes and the CLI use when the device is the CPU, and how the benchmark
+isolates the cost of the hooks from the cost of the copies. Inference only: autograd would keep references to
 ring buffers that are later overwritten, so a streamed block refuses to run with gradients enabled.
 """
 from __future__ import annotations
@@ -60,7 +63,7 @@ class BlockSwapper:
     """
 
     def __init__(self, model: nn.Module, blocks_to_swap: int, *, device: torch.device | str,
-                 prefetch: int = 1):
+                 prefetch: int = 1, cpu_copies: bool = True):
         blocks = swappable_blocks(model)
         if not 0 <= blocks_to_swap <= len(blocks):
             raise ValueError(f"blocks_to_swap must be in 0..{len(blocks)} (the model's blocks), got {blocks_to_swap}")
@@ -71,6 +74,7 @@ class BlockSwapper:
         self.streamed = blocks[len(blocks) - blocks_to_swap:]
         self.stats = SwapStats()
         self._cuda = self.device.type == "cuda"
+        self._alias = self.device.type == "cpu" and not cpu_copies  # slots point at the masters
         self._handles: list[RemovableHandle] = []
         self._objects: list[list[torch.Tensor]] = []   # per streamed block: its Parameter/buffer objects
         self._masters: list[list[torch.Tensor]] = []   # per streamed block: the CPU master tensors
@@ -125,7 +129,7 @@ class BlockSwapper:
         if self._cuda:
             self._copy_stream = torch.cuda.Stream(self.device)
         for _ in range(self.ring_size):
-            tensors = [torch.empty_like(m, device=self.device) for m in self._masters[0]]
+            tensors = [] if self._alias else [torch.empty_like(m, device=self.device) for m in self._masters[0]]
             events = (torch.cuda.Event(), torch.cuda.Event()) if self._cuda else (None, None)
             self._slots.append(_Slot(tensors, *events))
 
@@ -138,12 +142,16 @@ class BlockSwapper:
         self._slot_of.clear()
 
     def _load(self, j: int) -> _Slot:
-        """Issue the copy of streamed block j into the oldest ring buffer."""
+        """Issue the copy of streamed block j into the oldest ring buffer (aliasing: point it at the master)."""
         slot = self._slots[self._next_slot]
         self._next_slot = (self._next_slot + 1) % len(self._slots)
         if slot.block is not None:
             del self._slot_of[slot.block]
         slot.block, self._slot_of[j] = j, slot
+        self.stats.loads += 1
+        if self._alias:
+            slot.tensors = self._masters[j]
+            return slot
         pairs = list(zip(slot.tensors, self._masters[j]))
         if self._cuda:
             with torch.cuda.stream(self._copy_stream):
@@ -154,7 +162,6 @@ class BlockSwapper:
         else:
             for dst, src in pairs:
                 dst.copy_(src)
-        self.stats.loads += 1
         self.stats.bytes_copied += sum(src.numel() * src.element_size() for _, src in pairs)
         return slot
 
