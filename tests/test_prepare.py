@@ -93,6 +93,9 @@ class TestPrepare:
         assert sample.pixels.shape == (3, 8, 32, 32) and sample.skipped == ()
         cut_rows = sorted((r for r in rows if r["source"] == "cut.mp4"), key=lambda r: r["start_frame"])
         assert [len(decode_video(str(tmp_path / r["path"]))) for r in cut_rows] == [r["frames"] for r in cut_rows]
+        # width / height in the metadata are the clips' frame sizes, read without opening the files.
+        assert [e.size for e in data.entries] == [(r["height"], r["width"]) for r in rows]
+        assert [decode_video(str(e.path))[0].shape[:2] for e in data.entries] == [e.size for e in data.entries]
 
     def test_command_captioner_and_cli(self, sources, tmp_path, capsys):
         script = f"{sys.executable} -c \"import sys; print('caption of ' + sys.argv[1].split('/')[-1])\" {{clip}}"

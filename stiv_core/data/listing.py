@@ -4,7 +4,10 @@ Accepted layouts, checked in this order:
 - `metadata.jsonl`: one JSON object per line with `path` (relative to the folder) and `caption`;
 - `metadata.csv`: a header with `path` and `caption` columns;
 - media files with a caption file of the same stem: `clip.mp4` + `clip.txt`.
-A listed file that does not exist is kept: the dataset skips and counts it like a corrupt one.
+Metadata may also give each file's pixel `width` and `height` (as `python -m stiv_core.data.prepare`
+writes them), so aspect-ratio buckets need not open the files; an empty or missing one is read from
+the file's header instead. A listed file that does not exist is kept: the dataset skips and counts it
+like a corrupt one.
 """
 from __future__ import annotations
 
@@ -12,6 +15,7 @@ import csv
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 VIDEO_SUFFIXES = (".mp4", ".webm", ".mov", ".mkv", ".avi", ".gif")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -21,6 +25,7 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 class Entry:
     path: Path
     caption: str
+    size: Optional[tuple[int, int]] = None  # (height, width) in pixels, when the metadata gives it
 
 
 def list_entries(folder: str | Path, suffixes: tuple[str, ...]) -> list[Entry]:
@@ -49,10 +54,11 @@ def _from_jsonl(folder: Path) -> list[Entry]:
             continue
         try:
             row = json.loads(line)
-            entries.append(Entry(folder / row["path"], str(row["caption"]).strip()))
-        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            entries.append(Entry(folder / row["path"], str(row["caption"]).strip(), _size(row)))
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
             raise ValueError(f"{folder / 'metadata.jsonl'} line {number}: needs a JSON object with "
-                             f"'path' and 'caption' ({err})") from err
+                             f"'path' and 'caption', and optional positive integer 'width' and 'height' "
+                             f"({err})") from err
     return entries
 
 
@@ -62,4 +68,21 @@ def _from_csv(folder: Path) -> list[Entry]:
         if not reader.fieldnames or not {"path", "caption"} <= set(reader.fieldnames):
             raise ValueError(f"{folder / 'metadata.csv'} needs a header with 'path' and 'caption' columns, "
                              f"got {reader.fieldnames}")
-        return [Entry(folder / row["path"], row["caption"].strip()) for row in reader]
+        entries = []
+        for row in reader:
+            try:
+                entries.append(Entry(folder / row["path"], row["caption"].strip(), _size(row)))
+            except ValueError as err:
+                raise ValueError(f"{folder / 'metadata.csv'} line {reader.line_num}: {err}") from err
+        return entries
+
+
+def _size(row: dict) -> Optional[tuple[int, int]]:
+    """(height, width) from a metadata row; None when either is missing or empty."""
+    values = [row.get("height"), row.get("width")]
+    if any(v is None or str(v).strip() == "" for v in values):
+        return None
+    height, width = (float(str(v).strip()) for v in values)  # 24, "24" and 24.0 are all fine
+    if not (height.is_integer() and width.is_integer() and height > 0 and width > 0):
+        raise ValueError(f"'width' and 'height' must be positive integers, got {width:g} x {height:g}")
+    return int(height), int(width)

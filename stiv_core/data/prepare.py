@@ -5,7 +5,8 @@
 Each video under SRC_DIR is split at scene cuts (PySceneDetect), each scene is scored for motion
 (OpenCV optical flow) and basic quality (size, sharpness), scenes that pass the thresholds and have a
 caption are written to `OUT_DIR/clips/` as H.264 mp4, and `OUT_DIR/metadata.jsonl` lists them (`path`,
-`caption`, and the scores), the layout `data.kind = "video_folder"` reads. Rejected scenes go to
+`caption`, and the scores, among them the frame `width` and `height` that aspect buckets read), the
+layout `data.kind = "video_folder"` reads. Rejected scenes go to
 `OUT_DIR/rejected.jsonl` with their reasons. Captions come from the source's sidecar `video.txt`, or
 from a captioner: a callable `(clip_path, source_path) -> caption | None`, or on the command line a
 command whose stdout is the caption (`{clip}` and `{source}` are replaced by the paths).
