@@ -107,15 +107,19 @@ def test_squares_are_deterministic_captioned_and_move():
 
 
 def test_data_order_is_a_function_of_seed_and_step():
-    sampler = PositionSampler(10, 3, ((2, 8, 8), (2, 8, 16)), seed=5)
+    sampler = PositionSampler.uniform(10, 3, ((2, 8, 8), (2, 8, 16)), seed=5)
     first = [sampler.keys(s) for s in range(8)]
-    resumed = PositionSampler(10, 3, ((2, 8, 8), (2, 8, 16)), seed=5, start_step=4)
+    resumed = PositionSampler.uniform(10, 3, ((2, 8, 8), (2, 8, 16)), seed=5, start_step=4)
     assert [next(iter(resumed)) for _ in range(1)] == [first[4]]
     indices = [k.index for step in first[:10] for k in step]
     assert sorted(indices[:10]) == list(range(10))  # each epoch is a permutation
     assert {k.bucket for step in first for k in step} == {(2, 8, 8), (2, 8, 16)}
-    ranks = [PositionSampler(10, 3, ((2, 8, 8),), seed=5, rank=r, world=2).keys(0) for r in range(2)]
+    ranks = [PositionSampler.uniform(10, 3, ((2, 8, 8),), seed=5, rank=r, world=2).keys(0) for r in range(2)]
     assert {k.index for k in ranks[0]}.isdisjoint({k.index for k in ranks[1]})
+    # One group (no aspect grouping) keeps the order runs made before aspect groups existed.
+    assert [[k.index for k in step] for step in first[:5]] == [[8, 7, 9], [1, 6, 3], [5, 2, 0], [4, 5, 4], [9, 3, 6]]
+    assert [step[0].bucket[2] for step in first[:5]] == [8, 8, 16, 8, 8]
+    assert first[0][0].seed == 1037399811701645076
 
 
 def test_loader_yields_batches_with_workers_off():
