@@ -1,12 +1,15 @@
 """The headless STIV trainer.
 
     python stiv_core/train.py --config stiv_core/configs/tiny.toml [key=value ...]
-    accelerate launch stiv_core/train.py --config FILE [key=value ...]     # DDP / FSDP, many GPUs
+    accelerate launch stiv_core/train.py --config FILE [key=value ...]     # DDP, many GPUs
+    accelerate launch --use_fsdp --fsdp_version 2 stiv_core/train.py ...   # FSDP2: sharded weights
 
-Reads top to bottom: build the model (optionally from a progressive-init checkpoint), its EMA, the
-optimizer and the data; resume from the newest complete checkpoint; then loop: one flow-matching step
-with the recipe's task mixture and condition dropout, clip, step, EMA, log, checkpoint, sample.
-Devices, mixed precision and distribution are accelerate's; checkpoints are ours (safetensors).
+Reads top to bottom: build the model (optionally from a progressive-init checkpoint), the optimizer,
+let accelerate wrap them, then the EMA (sharded as the model is) and the data; resume from the newest
+complete checkpoint; then loop: one flow-matching step with the recipe's task mixture and condition
+dropout, clip, step, EMA, log, checkpoint, sample. Devices, mixed precision and distribution are
+accelerate's; checkpoints are ours (safetensors, full tensors whatever the sharding: a run resumes
+on another number of processes, FSDP or not; see training/full_state.py).
 """
 from __future__ import annotations
 
@@ -50,7 +53,9 @@ from .training.init import initialize
 from .training.optim import build_optimizer, build_scheduler
 from .training.recipe import TrainBatch, frozen_parameter_names, training_loss
 from .training.samples import write_samples
-from .training.state import (TrainerState, latest_checkpoint, load_checkpoint, remove_incomplete,
+from .training.full_state import (check_sharding, full_model_state, full_optimizer_state, load_full_model_state,
+                                 load_full_optimizer_state, parameter_names)
+from .training.state import (Snapshot, TrainerState, latest_checkpoint, read_checkpoint, remove_incomplete,
                              save_checkpoint)
 
 log = logging.getLogger("stiv_core.train")
@@ -94,6 +99,7 @@ def train(config: TrainConfig) -> TrainResult:
 
 
 def run(accelerator: Accelerator, config: TrainConfig) -> TrainResult:
+    check_sharding(accelerator)
     config.output_path.mkdir(parents=True, exist_ok=True)
     resume_from = _resume_point(config) if accelerator.is_main_process else None
     resume_from = _broadcast_path(accelerator, resume_from)
@@ -104,19 +110,23 @@ def run(accelerator: Accelerator, config: TrainConfig) -> TrainResult:
     model.gradient_checkpointing = config.gradient_checkpointing
     for name in frozen_parameter_names(model, config.recipe):
         model.get_parameter(name).requires_grad_(False)
-    ema = EMA(model, config.optim.ema_decay)
     optimizer = build_optimizer(model.parameters(), config.optim)
     scheduler = build_scheduler(optimizer, config.optim)  # stepped by us: once per optimizer step
     text_encoder, vae = build_encoders(config, accelerator.device)
-    state = TrainerState()
-    if resume_from is not None:
-        state = load_checkpoint(resume_from, model=model, ema_model=ema.model, optimizer=optimizer,
-                                scheduler=scheduler)
-        log.info("resumed from %s at step %d", resume_from, state.step)
+    if accelerator.is_main_process:
+        log.info("training on %d process(es), %s", accelerator.num_processes, accelerator.distributed_type)
 
+    # Checkpoints are loaded after prepare(): FSDP2 replaces the parameters, so state is given to the
+    # (possibly sharded) parameters the run trains, whatever wrote it (see training/full_state.py).
     raw_optimizer = optimizer
     model, optimizer = accelerator.prepare(model, optimizer)
-    ema.model.to(accelerator.device)
+    ema = EMA(accelerator.unwrap_model(model), config.optim.ema_decay)  # sharded as the model is
+    state = TrainerState()
+    if resume_from is not None:
+        snapshot = read_checkpoint(resume_from, parameter_names=parameter_names(accelerator.unwrap_model(model),
+                                                                                raw_optimizer))
+        state = _restore(snapshot, accelerator, model, ema, raw_optimizer, scheduler)
+        log.info("resumed from %s at step %d", resume_from, state.step)
     dataset = build_dataset(config.data)
     loader = build_loader(dataset, config.data, batch_size=config.batch_size, seed=config.seed,
                           start_step=state.step, rank=accelerator.process_index, world=accelerator.num_processes)
@@ -141,8 +151,10 @@ def run(accelerator: Accelerator, config: TrainConfig) -> TrainResult:
             _log_metrics(accelerator, config, state, loss, scheduler.get_last_lr()[0])
             if state.step % config.checkpoint_every == 0 and state.step < config.max_steps:
                 save()
-            if config.sample_every and state.step % config.sample_every == 0 and accelerator.is_main_process:
-                write_samples(ema.model, text_encoder, vae, config, state.step)
+            if config.sample_every and state.step % config.sample_every == 0:
+                ema_model = _ema_model(ema, config, accelerator.device)  # gathered on every rank
+                if ema_model is not None:
+                    write_samples(ema_model, text_encoder, vae, config, state.step)
     except KeyboardInterrupt:
         log.warning("interrupted at step %d: saving a checkpoint before exiting", state.step)
         save()
@@ -207,27 +219,67 @@ def _broadcast_path(accelerator: Accelerator, path: Optional[Path]) -> Optional[
 
 
 def _save(accelerator, config, model, ema, optimizer, scheduler, state) -> None:
+    """Every rank gathers (FSDP shards are collected), the main process writes."""
     accelerator.wait_for_everyone()
     unwrapped = accelerator.unwrap_model(model)
+    rng = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng.update({f"cuda_{i}": r for i, r in enumerate(torch.cuda.get_rng_state_all())})
+    scaler = accelerator.scaler.state_dict() if accelerator.scaler is not None else None
+    snapshot = Snapshot(model=full_model_state(unwrapped), ema=ema.full_state_dict(),
+                        optimizer=full_optimizer_state(unwrapped, optimizer), scheduler=scheduler.state_dict(),
+                        trainer=TrainerState(state.step, list(state.skipped)), scaler=scaler, rng=rng)
     if accelerator.is_main_process:
-        path = save_checkpoint(config.output_dir, model=unwrapped, ema_model=ema.model, optimizer=optimizer,
-                               scheduler=scheduler, state=state, keep_last=config.keep_last)
+        path = save_checkpoint(config.output_dir, snapshot, config=config.model, keep_last=config.keep_last)
         log.info("saved %s", path)
     accelerator.wait_for_everyone()
+
+
+def _restore(snapshot: Snapshot, accelerator: Accelerator, model, ema: EMA, optimizer, scheduler) -> TrainerState:
+    """Give a checkpoint's full state to the live objects (each rank keeps its shard)."""
+    unwrapped = accelerator.unwrap_model(model)
+    load_full_model_state(unwrapped, snapshot.model)
+    ema.load_full_state_dict(snapshot.ema)
+    load_full_optimizer_state(unwrapped, optimizer, snapshot.optimizer)
+    sched = scheduler.state_dict()
+    sched.update(snapshot.scheduler)
+    scheduler.load_state_dict(sched)
+    if accelerator.scaler is not None:
+        if snapshot.scaler:
+            accelerator.scaler.load_state_dict(snapshot.scaler)
+        else:
+            log.warning("the checkpoint has no fp16 grad scaler state: the loss scale starts afresh")
+    torch.set_rng_state(snapshot.rng["torch_cpu"])
+    cuda = [snapshot.rng[k] for k in sorted(snapshot.rng) if k.startswith("cuda_")]
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+    return snapshot.trainer
+
+
+def _ema_model(ema: EMA, config: TrainConfig, device: torch.device) -> Optional[STIVTransformer]:
+    """The EMA weights as a model on the main process (None elsewhere). Every rank calls it."""
+    state = ema.full_state_dict(device=device)
+    if not state:
+        return None
+    with torch.device("meta"):
+        model = STIVTransformer(config.model)
+    model.load_state_dict(state, assign=True)
+    return model.eval().requires_grad_(False)
 
 
 def _export(accelerator: Accelerator, config: TrainConfig, ema: EMA, text_encoder: TextEncoder) -> Optional[Path]:
     """The EMA weights as the run's model (`output_dir/model.safetensors`, loadable by load_model);
     with the word encoder, a bundle that `python -m stiv_core.generate --model PATH` runs."""
+    ema_model = _ema_model(ema, config, torch.device("cpu"))  # gathered on every rank
     if not accelerator.is_main_process:
         return None
     path = config.output_path / "model.safetensors"
     if isinstance(text_encoder, WordTextEncoder):
         frames, height, width = config.data.buckets[0]
         defaults = SamplingDefaults(num_frames=frames, height=height, width=width, steps=config.sample_steps)
-        save_bundle(path, ema.model, text_encoder, defaults=defaults, dtype=EXPORT_DTYPES[config.export_dtype])
+        save_bundle(path, ema_model, text_encoder, defaults=defaults, dtype=EXPORT_DTYPES[config.export_dtype])
     else:
-        save_model(path, ema.model, dtype=EXPORT_DTYPES[config.export_dtype])
+        save_model(path, ema_model, dtype=EXPORT_DTYPES[config.export_dtype])
     return path
 
 

@@ -1,4 +1,5 @@
 """Resume is bit-identical to an uninterrupted run, also after a SIGKILL at an arbitrary moment."""
+import json
 import os
 import signal
 import subprocess
@@ -8,11 +9,18 @@ from pathlib import Path
 
 import pytest
 import torch
+from accelerate import Accelerator
+from safetensors import safe_open
 from safetensors.torch import load_file
 
+import stiv_core.train as trainer
+from stiv_core.checkpoint import save_state_dict
+from stiv_core.model.transformer import STIVTransformer
 from stiv_core.train import train
-from stiv_core.training.config import ConfigError, load_config
-from stiv_core.training.state import latest_checkpoint, list_checkpoints
+from stiv_core.training.config import ConfigError, TrainConfig, load_config
+from stiv_core.training.full_state import load_full_optimizer_state, parameter_names
+from stiv_core.training.optim import build_optimizer, build_scheduler
+from stiv_core.training.state import TrainerState, latest_checkpoint, list_checkpoints, read_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 # Every recipe feature on, so their randomness is part of what must resume exactly.
@@ -87,3 +95,84 @@ def test_sigkill_at_any_moment_resumes_from_the_last_complete_checkpoint(tmp_pat
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=300)
     assert not list((killed / "checkpoints").glob("*.tmp*"))  # the interrupted save was cleaned up
     assert_identical(killed / f"checkpoints/step_{target:08d}", tmp_path / f"full/checkpoints/step_{target:08d}")
+
+
+def legacy_pack_state(optimizer, scheduler, state: TrainerState):
+    """state.safetensors as written before FSDP support (optimizer state keyed by index), verbatim:
+    the reference for checkpoints already on disk, e.g. of runs that are resumed with newer code."""
+    opt = optimizer.state_dict()
+    tensors: dict[str, torch.Tensor] = {"rng/torch_cpu": torch.get_rng_state()}
+    scalars: dict[str, dict] = {}
+    for index, entries in opt["state"].items():
+        for name, value in entries.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"optimizer/{index}/{name}"] = value.detach().contiguous().cpu()
+            else:
+                scalars.setdefault(str(index), {})[name] = value
+    sched = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
+    metadata = {"param_groups": json.dumps(opt["param_groups"]), "scalars": json.dumps(scalars),
+                "scheduler": json.dumps(sched), "trainer": json.dumps(vars(state))}
+    return tensors, metadata
+
+
+def rewrite_as_legacy(checkpoint: Path, config: TrainConfig) -> None:
+    """Rewrite a checkpoint's state.safetensors in the old format (model and EMA files are unchanged)."""
+    model = STIVTransformer(config.model)
+    optimizer = build_optimizer(model.parameters(), config.optim)
+    scheduler = build_scheduler(optimizer, config.optim)
+    snapshot = read_checkpoint(checkpoint, parameter_names=parameter_names(model, optimizer))
+    load_full_optimizer_state(model, optimizer, snapshot.optimizer)
+    scheduler.load_state_dict({**scheduler.state_dict(), **snapshot.scheduler})
+    rng = torch.get_rng_state()
+    torch.set_rng_state(snapshot.rng["torch_cpu"])
+    try:
+        save_state_dict(checkpoint / "state.safetensors", *legacy_pack_state(optimizer, scheduler, snapshot.trainer))
+    finally:
+        torch.set_rng_state(rng)
+    with safe_open(str(checkpoint / "state.safetensors"), framework="pt") as f:
+        assert "optimizer_keys" not in f.metadata() and "optimizer/0/exp_avg" in f.keys()
+
+
+def test_a_checkpoint_in_the_legacy_format_resumes_bit_identically(tmp_path):
+    full = run(tmp_path / "full", "max_steps=6", "checkpoint_every=2")
+    run(tmp_path / "split", "max_steps=4", "checkpoint_every=2")
+    rewrite_as_legacy(tmp_path / "split/checkpoints/step_00000004", load_config(None, TINY + ["output_dir=x"]))
+    second = run(tmp_path / "split", "max_steps=6", "checkpoint_every=2")
+    assert second.losses == full.losses[4:]
+    assert_identical(tmp_path / "full/checkpoints/step_00000006", tmp_path / "split/checkpoints/step_00000006")
+
+
+class ScaledAccelerator(Accelerator):
+    """accelerate keeps no GradScaler on the CPU (fp16 autocast needs a GPU there: `scaler` stays None);
+    this one has a CPU GradScaler, so the trainer's fp16 path runs here: scaled backward, unscale before
+    clipping, the scaler's step and update. The scale doubles after every 3 good steps, so at step 4 it
+    is 2048 with a growth tracker of 1; a scaler that started afresh there ends elsewhere (and so do the
+    weights: gradients that small round differently under another scale)."""
+
+    INIT_SCALE = 1024.0
+    made: list[torch.amp.GradScaler] = []
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.scaler = torch.amp.GradScaler("cpu", init_scale=self.INIT_SCALE, growth_interval=3)
+        ScaledAccelerator.made.append(self.scaler)
+
+
+def scaler_state(checkpoint: Path) -> dict:
+    with safe_open(str(checkpoint / "state.safetensors"), framework="pt") as f:
+        return json.loads(f.metadata()["scaler"])
+
+
+def test_fp16_grad_scaler_state_is_saved_and_resumed(tmp_path, monkeypatch):
+    monkeypatch.setattr(trainer, "Accelerator", ScaledAccelerator)
+    full = run(tmp_path / "full", "max_steps=6", "checkpoint_every=2")
+    run(tmp_path / "split", "max_steps=4", "checkpoint_every=2")
+    saved = scaler_state(tmp_path / "split/checkpoints/step_00000004")
+    assert saved == ScaledAccelerator.made[-1].state_dict()  # what the live scaler held at step 4
+    assert (saved["scale"], saved["_growth_tracker"]) == (2048.0, 1)
+    second = run(tmp_path / "split", "max_steps=6", "checkpoint_every=2")
+    assert second.losses == full.losses[4:]
+    assert_identical(tmp_path / "full/checkpoints/step_00000006", tmp_path / "split/checkpoints/step_00000006")
+    ended = [scaler_state(tmp_path / f"{run}/checkpoints/step_00000006") for run in ("full", "split")]
+    assert ended[0] == ended[1] == ScaledAccelerator.made[-1].state_dict()
+    assert (ended[0]["scale"], ended[0]["_growth_tracker"]) == (4096.0, 0)
