@@ -1,6 +1,11 @@
-"""`accelerate launch` with two CPU processes (DDP over gloo): the multi-GPU path's logic, on the CPU."""
+"""`accelerate launch` with two CPU processes (DDP over gloo): the multi-GPU path's logic, on the CPU.
+
+`--cpu --num_processes 2` starts ONE process (accelerate's simple launcher); `--multi_gpu` with
+ACCELERATE_USE_CPU=true starts two through torch.distributed.run, each on the CPU with gloo.
+"""
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -15,13 +20,21 @@ TINY = ["max_steps=3", "batch_size=2", "sample_every=0", "checkpoint_every=2", "
         "data.buckets=[[4, 16, 16]]", "log_every=1"]
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def test_two_process_ddp_trains_checkpoints_and_exports(tmp_path):
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-           "--dynamo_backend", "no", "stiv_core/train.py", "--config", "stiv_core/configs/tiny.toml",
-           f'output_dir="{tmp_path}"', "resume=false", *TINY]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
+           "1", "--main_process_port", str(_free_port()), "--mixed_precision", "no", "--dynamo_backend", "no",
+           "stiv_core/train.py", "--config", "stiv_core/configs/tiny.toml", f'output_dir="{tmp_path}"', "resume=false",
+           *TINY]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-2000:]
+    assert "training on 2 process(es), DistributedType.MULTI_CPU" in done.stderr
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_00000002", "step_00000003"]
     metrics = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [1, 2, 3]  # one writer (the main process), not two
