@@ -53,7 +53,7 @@ from .training.init import initialize
 from .training.optim import build_optimizer, build_scheduler
 from .training.recipe import TrainBatch, frozen_parameter_names, training_loss
 from .training.samples import write_samples
-from .training.full_state import (check_sharding, full_model_state, full_optimizer_state, load_full_model_state,
+from .training.full_state import (configure_sharding, full_model_state, full_optimizer_state, load_full_model_state,
                                  load_full_optimizer_state, parameter_names)
 from .training.state import (Snapshot, TrainerState, latest_checkpoint, read_checkpoint, remove_incomplete,
                              save_checkpoint)
@@ -99,7 +99,7 @@ def train(config: TrainConfig) -> TrainResult:
 
 
 def run(accelerator: Accelerator, config: TrainConfig) -> TrainResult:
-    check_sharding(accelerator)
+    configure_sharding(accelerator)
     config.output_path.mkdir(parents=True, exist_ok=True)
     resume_from = _resume_point(config) if accelerator.is_main_process else None
     resume_from = _broadcast_path(accelerator, resume_from)

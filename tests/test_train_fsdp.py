@@ -75,16 +75,25 @@ def assert_close_checkpoints(a: Path, b: Path) -> None:
 
 # ---- the state-dict functions, in one process ----
 
-def test_fsdp1_is_refused_with_the_launch_flag_to_use():
+def test_fsdp1_is_refused_and_fsdp2_loads_no_model_through_accelerate():
     from types import SimpleNamespace
 
     from accelerate.utils import DistributedType
 
-    from stiv_core.training.full_state import check_sharding
+    from stiv_core.training.full_state import configure_sharding
+
+    def accelerator(kind, fsdp2):
+        plugin = SimpleNamespace(cpu_ram_efficient_loading=True)
+        return SimpleNamespace(distributed_type=kind, is_fsdp2=fsdp2, state=SimpleNamespace(fsdp_plugin=plugin))
+
     with pytest.raises(ValueError, match="--fsdp_version 2"):
-        check_sharding(SimpleNamespace(distributed_type=DistributedType.FSDP, is_fsdp2=False))
-    check_sharding(SimpleNamespace(distributed_type=DistributedType.FSDP, is_fsdp2=True))
-    check_sharding(SimpleNamespace(distributed_type=DistributedType.MULTI_CPU, is_fsdp2=False))
+        configure_sharding(accelerator(DistributedType.FSDP, False))
+    fsdp2 = accelerator(DistributedType.FSDP, True)
+    configure_sharding(fsdp2)
+    assert fsdp2.state.fsdp_plugin.cpu_ram_efficient_loading is False  # (the launcher's default is True)
+    ddp = accelerator(DistributedType.MULTI_CPU, False)
+    configure_sharding(ddp)
+    assert ddp.state.fsdp_plugin.cpu_ram_efficient_loading is True  # untouched
 
 
 def test_optimizer_state_by_name_round_trips_and_invents_no_state():
@@ -205,13 +214,16 @@ if __name__ == "__main__":  # one of the processes that `launch(..., fsdp=True)`
     import stiv_core.train as trainer
 
     class CPUFSDP2Accelerator(Accelerator):
-        """An Accelerator switched to FSDP2 after construction (see the module docstring)."""
+        """An Accelerator switched to FSDP2 after construction (see the module docstring), with the
+        plugin settings `accelerate launch --use_fsdp --fsdp_version 2` gives (cpu_ram_efficient_loading
+        is on there by default)."""
 
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             self.state.distributed_type = DistributedType.FSDP
             self.state.fsdp_plugin = FullyShardedDataParallelPlugin(
-                fsdp_version=2, auto_wrap_policy="transformer_based_wrap", transformer_cls_names_to_wrap=["STIVBlock"])
+                fsdp_version=2, auto_wrap_policy="transformer_based_wrap", transformer_cls_names_to_wrap=["STIVBlock"],
+                cpu_ram_efficient_loading=True)
 
     trainer.Accelerator = CPUFSDP2Accelerator
     trainer.main(sys.argv[1:])

@@ -7,12 +7,13 @@ full CPU tensors land on rank 0 (other ranks may get an empty dict). Setting tak
 on every rank and keeps each rank's shard. The optimizer's state is keyed by parameter name (FQN),
 so a checkpoint written by N sharded ranks loads in one process, and back.
 
-FSDP1 is refused (`check_sharding`): its flat parameters would need another EMA and state path, and
+FSDP1 is refused (`configure_sharding`): its flat parameters would need another EMA and state path, and
 FSDP2 is what accelerate recommends.
 """
 from __future__ import annotations
 
 import copy
+import logging
 import re
 from typing import Any
 
@@ -23,6 +24,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      get_optimizer_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict)
 
+log = logging.getLogger(__name__)
 GATHER = StateDictOptions(full_state_dict=True, cpu_offload=True)
 SCATTER = StateDictOptions(full_state_dict=True)
 # Parameters are checked by name here; a parameter without saved state is allowed (see below).
@@ -31,11 +33,21 @@ WRAPPERS = re.compile(r"(?:_checkpoint_wrapped_module|_orig_mod)\.")
 OptimizerState = dict[str, Any]  # {"state": {fqn: {name: value}}, "param_groups": [{..., "params": [fqn]}]}
 
 
-def check_sharding(accelerator) -> None:
-    """Raise a clear error for a distribution this trainer cannot checkpoint (FSDP1)."""
-    if accelerator.distributed_type == DistributedType.FSDP and not accelerator.is_fsdp2:
+def configure_sharding(accelerator) -> None:
+    """Check the distribution before prepare(): FSDP1 is refused with a clear error; FSDP2's
+    `cpu_ram_efficient_loading` (on by default in `accelerate launch --use_fsdp`) is turned off:
+    accelerate's loader expects a transformers model (`get_parameter_or_buffer`, dotted names), and
+    it saves nothing here, since every rank builds the same full model and checkpoints are loaded
+    after prepare()."""
+    if accelerator.distributed_type != DistributedType.FSDP:
+        return
+    if not accelerator.is_fsdp2:
         raise ValueError("the STIV trainer supports FSDP version 2 only (sharded EMA and full checkpoints); "
                          "launch with `accelerate launch --use_fsdp --fsdp_version 2 ...`")
+    plugin = accelerator.state.fsdp_plugin
+    if plugin.cpu_ram_efficient_loading:
+        log.info("FSDP2: cpu_ram_efficient_loading turned off (every rank builds the model; see full_state.py)")
+        plugin.cpu_ram_efficient_loading = False
 
 
 def full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
