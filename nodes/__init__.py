@@ -2,7 +2,8 @@
 
 STIV Loader -> STIV_MODEL; STIV Text Encode / STIV Image Condition -> STIV_COND; STIV Sampler or STIV
 Keyframe -> Interpolate (or, chained, STIV Sampler -> STIV Interpolate Keyframes) -> LATENT; STIV Decode
--> IMAGE, which ComfyUI's CreateVideo / SaveVideo save.
+-> IMAGE, which ComfyUI's CreateVideo / SaveVideo save. ComfyUI's own CLIP (on STIV Text Encode) and VAE
+(on STIV Image Condition and STIV Decode) can stand in for the model's encoders (nodes/comfy_adapters.py).
 """
 from . import _comfy
 from .conditioning import STIVImageCondition, STIVTextEncode

@@ -1,14 +1,16 @@
 """STIV Text Encode and STIV Image Condition (the "Text/Image Conditioner") -> STIV_COND.
 
-The prompt is encoded by the model's own text encoder when the sampler runs (it ships in the bundle);
-the image node turns IMAGE(s) + which frames they are into the frame-replacement condition.
+The prompt is encoded by the model's own text encoder when the sampler runs (it ships in the bundle), or
+here by a ComfyUI CLIP connected to `clip`; the image node turns IMAGE(s) + which frames they are into
+the frame-replacement condition, encoded at sampling by the model's VAE or a ComfyUI VAE on `vae`.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 
+from .comfy_adapters import EncodedPrompts, clip_text_embedding
 from .types import FramePosition, ImageCondition, STIVConditioning, STIVInputError, image_to_pixels
 
 
@@ -17,7 +19,9 @@ class STIVTextEncode:
     RETURN_TYPES = ("STIV_COND",)
     RETURN_NAMES = ("conditioning",)
     FUNCTION = "encode"
-    DESCRIPTION = "A prompt (and optional negative prompt) for STIV; text-to-video until images are added."
+    DESCRIPTION = ("A prompt (and optional negative prompt) for STIV; text-to-video until images are added. "
+                   "The model's own text encoder reads it, or a ComfyUI text encoder connected to clip (e.g. "
+                   "T5-XXL from CLIPLoader, type 'pixart'), which must be the one the model was trained with.")
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -25,12 +29,23 @@ class STIVTextEncode:
             "prompt": ("STRING", {"multiline": True, "default": "a red circle moving left on a blue background"}),
             "negative_prompt": ("STRING", {"multiline": True, "default": "",
                                            "tooltip": "empty: the model's learned empty text (as trained)"}),
+        }, "optional": {
+            "clip": ("CLIP", {"tooltip": "optional: a ComfyUI text encoder used instead of the model's own; its "
+                                         "width must be the model's (T5-XXL 4096, CLIP-L 768). Encoders without a "
+                                         "pooled output (T5) give the mean of the tokens as the pooled text"}),
         }}
 
-    def encode(self, prompt: str, negative_prompt: str):
-        if not prompt.strip():
+    def encode(self, prompt: str, negative_prompt: str, clip: Any = None):
+        prompt, negative = prompt.strip(), negative_prompt.strip() or None
+        if not prompt:
             raise STIVInputError("STIV Text Encode: the prompt is empty; describe the video")
-        return (STIVConditioning(prompt.strip(), negative_prompt.strip() or None),)
+        encoded = None
+        if clip is not None:
+            try:
+                encoded = EncodedPrompts({p: clip_text_embedding(clip, p) for p in (prompt, negative) if p})
+            except ValueError as err:
+                raise STIVInputError(f"STIV Text Encode: {err}") from None
+        return (STIVConditioning(prompt, negative, encoded=encoded),)
 
 
 class STIVImageCondition:
@@ -50,11 +65,14 @@ class STIVImageCondition:
             "keyframe_stride": ("INT", {"default": 4, "min": 1, "max": 1024,
                                         "tooltip": "keyframes only: frames between given images"}),
         }, "optional": {
+            "vae": ("VAE", {"tooltip": "optional: a ComfyUI VAE that encodes the images instead of the model's "
+                                       "own (the one it was trained with: same latent channels; the model's "
+                                       "latent scale is applied). Connect the same VAE to STIV Decode"}),
             "last_image": ("IMAGE", {"tooltip": "first+last only: the last frame (else images holds both)"}),
         }}
 
     def condition(self, conditioning: STIVConditioning, images: torch.Tensor, frames: str,
-                  keyframe_stride: int, last_image: Optional[torch.Tensor] = None):
+                  keyframe_stride: int, last_image: Optional[torch.Tensor] = None, vae: Any = None):
         pixels = image_to_pixels(images)
         if last_image is not None and frames == FramePosition.FIRST_LAST.value:
             last = image_to_pixels(last_image)
@@ -67,4 +85,4 @@ class STIVImageCondition:
             cond = ImageCondition(pixels, FramePosition(frames), keyframe_stride)
         except STIVInputError as err:
             raise STIVInputError(f"STIV Image Condition: {err}") from None
-        return (conditioning.with_images(cond),)
+        return (conditioning.with_images(cond, vae),)

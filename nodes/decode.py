@@ -1,8 +1,11 @@
 """STIV Decode: LATENT -> ComfyUI IMAGE `[T, H, W, C]` in 0..1, decoded a chunk of frames at a time."""
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
+from .comfy_adapters import with_comfy_vae
 from .types import STIVInputError, STIVModel, video_to_image
 
 
@@ -11,7 +14,8 @@ class STIVDecode:
     RETURN_TYPES = ("IMAGE",)
     RETURN_NAMES = ("images",)
     FUNCTION = "decode"
-    DESCRIPTION = "Decodes STIV latents with the model's VAE into frames for CreateVideo / SaveVideo."
+    DESCRIPTION = ("Decodes STIV latents into frames for CreateVideo / SaveVideo, with the model's VAE or a "
+                   "ComfyUI VAE connected to vae (the one the model was trained with).")
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -20,14 +24,21 @@ class STIVDecode:
             "latent": ("LATENT",),
             "chunk_frames": ("INT", {"default": 16, "min": 1, "max": 1024,
                                      "tooltip": "frames decoded at once: lower it if decoding runs out of memory"}),
+        }, "optional": {
+            "vae": ("VAE", {"tooltip": "optional: a ComfyUI VAE that decodes instead of the model's own (same "
+                                       "latent channels; the model's latent scale is undone first)"}),
         }}
 
-    def decode(self, model: STIVModel, latent: dict, chunk_frames: int):
+    def decode(self, model: STIVModel, latent: dict, chunk_frames: int, vae: Any = None):
+        try:
+            pipeline = with_comfy_vae(model.pipeline, vae, chunk_frames=chunk_frames)
+        except ValueError as err:
+            raise STIVInputError(f"STIV Decode: {err}") from None
         samples = latent.get("samples") if isinstance(latent, dict) else None
-        channels = model.pipeline.vae.latent_channels
+        channels = pipeline.vae.latent_channels
         if not isinstance(samples, torch.Tensor) or samples.dim() != 5 or samples.shape[1] != channels:
             shape = tuple(samples.shape) if isinstance(samples, torch.Tensor) else type(samples).__name__
             raise STIVInputError(f"STIV Decode: expected STIV video latents (B, {channels}, T, h, w) from a STIV "
                                  f"sampler, got {shape}; image latents from other models cannot be decoded here")
-        pixels = model.pipeline.decode(samples.to(model.pipeline.device), chunk_frames=chunk_frames)
+        pixels = pipeline.decode(samples.to(pipeline.device), chunk_frames=chunk_frames)
         return (video_to_image(pixels),)

@@ -78,10 +78,15 @@ def preview_image(pipeline: STIVPipeline, denoised: torch.Tensor) -> Image.Image
     return Image.fromarray(rgb)
 
 
-def run_sampling(model: STIVModel, total_steps: int, node: str,
-                 work: Callable[[StepCallback], torch.Tensor]) -> dict:
-    """`work(callback)` -> latents, as a LATENT; interrupt raises ComfyUI's interrupt, bad input a
+def run_sampling(model: STIVModel, conditioning: STIVConditioning, total_steps: int, node: str,
+                 work: Callable[[STIVPipeline, StepCallback], torch.Tensor]) -> dict:
+    """`work(pipeline, callback)` -> latents, as a LATENT, with the model's pipeline as the conditioning
+    makes it (a ComfyUI CLIP's prompts, a ComfyUI VAE); interrupt raises ComfyUI's interrupt, bad input a
     STIVInputError naming the node. Either way the run's memory is released before raising."""
+    try:
+        pipeline = conditioning.pipeline_for(model)
+    except ValueError as err:
+        raise STIVInputError(f"{node}: {err}") from None
     bar, done = _comfy.progress_bar(total_steps), 0
 
     def on_step(info: StepInfo) -> bool:
@@ -89,11 +94,11 @@ def run_sampling(model: STIVModel, total_steps: int, node: str,
         if _comfy.interrupt_requested():
             return False
         done += 1
-        bar.update_absolute(done, total_steps, _comfy.preview_payload(preview_image(model.pipeline, info.denoised)))
+        bar.update_absolute(done, total_steps, _comfy.preview_payload(preview_image(pipeline, info.denoised)))
         return True
 
     try:
-        return {"samples": work(on_step).cpu()}
+        return {"samples": work(pipeline, on_step).cpu()}
     except GenerationCancelled:
         failure = None
     except (ValueError, WontFitError) as err:

@@ -33,11 +33,11 @@ class STIVSampler:
                **settings):
         s = SamplingSettings(**settings)
 
-        def work(callback):
+        def work(pipeline, callback):
             request = s.request(conditioning, frames, frame_stride=frame_stride)
-            return model.pipeline.sample_latents(request, callback=callback)
+            return pipeline.sample_latents(request, callback=callback)
 
-        return (run_sampling(model, s.steps, "STIV Sampler", work),)
+        return (run_sampling(model, conditioning, s.steps, "STIV Sampler", work),)
 
 
 class STIVKeyframeInterpolate:
@@ -66,12 +66,12 @@ class STIVKeyframeInterpolate:
                **settings):
         s = SamplingSettings(**settings)
 
-        def work(callback):
+        def work(pipeline, callback):
             request = s.request(conditioning, keyframes, frame_stride=keyframe_stride)
-            return long_video_latents(model.pipeline, request, keyframes=keyframes, stride=keyframe_stride,
+            return long_video_latents(pipeline, request, keyframes=keyframes, stride=keyframe_stride,
                                       callback=callback)
 
-        return (run_sampling(model, s.steps * keyframes, "STIV Keyframe -> Interpolate", work),)
+        return (run_sampling(model, conditioning, s.steps * keyframes, "STIV Keyframe -> Interpolate", work),)
 
 
 class STIVInterpolateKeyframes:
@@ -104,13 +104,14 @@ class STIVInterpolateKeyframes:
         factor = model.pipeline.vae.spatial_factor
         s = SamplingSettings(width=keys.shape[4] * factor, height=keys.shape[3] * factor, **settings)
 
-        def work(callback):
+        def work(pipeline, callback):
             # the images (if any) conditioned the keyframe pass; the windows are conditioned on the keyframes
             request = s.request(conditioning.with_images(None), keys.shape[2], frame_stride=keyframe_stride)
-            return interpolate_keyframes(model.pipeline, request, keys.to(model.pipeline.device),
-                                         stride=keyframe_stride, callback=callback)
+            return interpolate_keyframes(pipeline, request, keys.to(pipeline.device), stride=keyframe_stride,
+                                         callback=callback)
 
-        return (run_sampling(model, s.steps * (keys.shape[2] - 1), "STIV Interpolate Keyframes", work),)
+        return (run_sampling(model, conditioning, s.steps * (keys.shape[2] - 1), "STIV Interpolate Keyframes",
+                             work),)
 
 
 def keyframe_latents(model: STIVModel, latent: dict) -> torch.Tensor:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import enum
 import logging
 from dataclasses import dataclass, replace
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 
@@ -16,6 +16,7 @@ from ..stiv_core.bundle import SamplingDefaults
 from ..stiv_core.memory import MemoryHandle
 from ..stiv_core.pipeline import FrameCondition, STIVPipeline
 from ..stiv_core.video_io import fit_image
+from .comfy_adapters import EncodedPrompts, with_comfy_vae
 
 log = logging.getLogger("stiv.nodes")
 
@@ -93,14 +94,29 @@ class ImageCondition:
 
 @dataclass(frozen=True)
 class STIVConditioning:
-    """STIV_COND: the prompt, an optional negative prompt, and the given frames (None = text-to-video)."""
+    """STIV_COND: the prompt, an optional negative prompt, and the given frames (None = text-to-video).
+
+    `encoded`: the prompts as a ComfyUI CLIP encoded them (None = the model's own text encoder, at
+    sampling); `vae`: a ComfyUI VAE that encodes the given frames (None = the model's own VAE).
+    """
 
     prompt: str
     negative_prompt: Optional[str] = None
     images: Optional[ImageCondition] = None
+    encoded: Optional[EncodedPrompts] = None
+    vae: Any = None
 
-    def with_images(self, images: Optional[ImageCondition]) -> STIVConditioning:
-        return replace(self, images=images)
+    def with_images(self, images: Optional[ImageCondition], vae: Any = None) -> STIVConditioning:
+        """These images given; `vae` (if any) replaces the VAE an earlier node set."""
+        return replace(self, images=images, vae=vae if vae is not None else self.vae)
+
+    def pipeline_for(self, model: STIVModel) -> STIVPipeline:
+        """The model's pipeline with what this conditioning brings from ComfyUI (errors: ValueError)."""
+        pipeline = model.pipeline
+        if self.encoded is not None:
+            self.encoded.check_widths(pipeline.model.config)
+            pipeline = replace(pipeline, text_encoder=self.encoded)
+        return with_comfy_vae(pipeline, self.vae)
 
 
 def image_to_pixels(image: torch.Tensor) -> torch.Tensor:

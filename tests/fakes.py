@@ -73,3 +73,92 @@ def tiny_pipeline(*, temporal_patch: int = 2, prediction: str = "velocity", seed
                     patch_size=2, temporal_patch=temporal_patch, text_dim=text.dim,
                     pooled_text_dim=text.pooled_dim, max_text_tokens=8, prediction=prediction)
     return STIVPipeline(randomize(STIVTransformer(config), seed).eval(), text, vae)
+
+
+class ScaledLinearVAE(LinearVAE):
+    """LinearVAE with a diffusers-style latent scaling, as DiffusersVAE applies it: `(raw - shift) * scale`."""
+
+    def __init__(self, seed: int = 0, scaling_factor: float = 0.5, shift_factor: float = 0.25):
+        super().__init__(seed)
+        self.scaling_factor, self.shift_factor = scaling_factor, shift_factor
+
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        return (super().encode(pixels) - self.shift_factor) * self.scaling_factor
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return super().decode(latents / self.scaling_factor + self.shift_factor)
+
+
+# -- ComfyUI's CLIP and VAE objects (comfy/sd.py, Comfy-Org/ComfyUI a125cd8), as the STIV nodes call them --
+class ComfyCLIPStandIn:
+    """`CLIP.tokenize(text)` and `CLIP.encode_from_tokens(tokens, return_pooled, return_dict)`: each word is
+    HashTextEncoder's vector. T5-like by default (no pooled output, no padding); `pooled=True` gives a
+    CLIP-like pooled output (the last word unprojected, twice that when projected); `pad_to` pads with
+    zero "<pad>" tokens, which `attention_mask=True` reports as in ComfyUI's masked encoders."""
+
+    def __init__(self, dim: int = 32, *, seed: int = 0, pooled: bool = False, pooled_dim: int | None = None,
+                 pad_to: int = 0, attention_mask: bool = False):
+        self.words = HashTextEncoder(dim, seed)
+        self.pooled, self.pooled_dim = pooled, pooled_dim or dim
+        self.pad_to, self.attention_mask = pad_to, attention_mask
+        self.calls: list = []
+
+    def tokenize(self, text, return_word_ids=False, **kwargs):
+        words = [(w, 1.0) for w in text.split()]
+        return {"t5xxl": [words + [("<pad>", 1.0)] * max(0, self.pad_to - len(words))]}
+
+    def encode_from_tokens(self, tokens, return_pooled=False, return_dict=False):
+        self.calls.append(return_pooled)
+        words = [w for w, _ in tokens["t5xxl"][0]]
+        real = torch.tensor([w != "<pad>" for w in words])
+        cond = torch.stack([self.words._word(w) if w != "<pad>" else torch.zeros(self.words.dim) for w in words])[None]
+        pooled = None
+        if self.pooled:
+            pooled = cond[:, int(real.nonzero().max()), : self.pooled_dim]
+            pooled = pooled if return_pooled == "unprojected" else pooled * 2
+        if not return_dict:
+            return (cond, pooled) if return_pooled else cond
+        out = {"cond": cond, "pooled_output": pooled}
+        if self.attention_mask:
+            out["attention_mask"] = real.long()[None]
+        return out
+
+
+class ComfyVAEStandIn:
+    """`VAE.encode(images)`: IMAGE `(N, H, W, C)` in 0..1 -> RAW latents `(N, 12, H/2, W/2)` (LinearVAE per
+    frame, after ComfyUI's `image * 2 - 1`); `VAE.decode(latents)` -> `(N, H, W, C)` in 0..1. Records the
+    frames per call."""
+
+    latent_channels, latent_dim, downscale_ratio, upscale_ratio = 12, 2, 2, 2
+
+    def __init__(self, seed: int = 0, latent_dim: int = 2):
+        self.linear, self.latent_dim = LinearVAE(seed), latent_dim
+        self.calls: list[tuple[str, int]] = []
+
+    def spacial_compression_encode(self):
+        return self.downscale_ratio
+
+    def spacial_compression_decode(self):
+        return self.upscale_ratio
+
+    def encode(self, pixel_samples):
+        self.calls.append(("encode", pixel_samples.shape[0]))
+        return self.linear.encode(pixel_samples.movedim(-1, 1)[:, :, None] * 2 - 1)[:, :, 0]
+
+    def decode(self, samples_in, vae_options={}):
+        self.calls.append(("decode", samples_in.shape[0]))
+        return ((self.linear.decode(samples_in[:, :, None])[:, :, 0] + 1) / 2).clamp(0, 1).movedim(1, -1)
+
+
+class ComfyPixelSpaceVAEStandIn(ComfyVAEStandIn):
+    """VAELoader's "pixel_space": 3 channels, factor 1, latents = image * 2 - 1 (ComfyUI's process_input)."""
+
+    latent_channels, downscale_ratio, upscale_ratio = 3, 1, 1
+
+    def encode(self, pixel_samples):
+        self.calls.append(("encode", pixel_samples.shape[0]))
+        return pixel_samples.movedim(-1, 1) * 2 - 1
+
+    def decode(self, samples_in, vae_options={}):
+        self.calls.append(("decode", samples_in.shape[0]))
+        return ((samples_in + 1) / 2).clamp(0, 1).movedim(1, -1)

@@ -1,0 +1,165 @@
+"""ComfyUI's own text encoders (`CLIP`) and VAEs (`VAE`) behind STIV's `TextEncoder` / `VideoVAE`, so a
+user reuses what ComfyUI has loaded (a T5 from CLIPLoader, a VAE from VAELoader).
+
+Duck-typed: nothing here imports comfy. The ComfyUI API used (comfy/sd.py, Comfy-Org/ComfyUI a125cd8):
+- CLIP: `tokenize(text)` -> tokens; `encode_from_tokens(tokens, return_pooled=..., return_dict=True)` ->
+  {"cond": (1, L, D), "pooled_output": (1, Dp) or None, "attention_mask": (1, L) (some encoders only)}.
+- VAE: `encode(images)`: IMAGE `(N, H, W, C)` in 0..1 -> RAW latents `(N, C, h, w)`; `decode(latents)`:
+  raw latents -> `(N, H, W, C)` in 0..1; `latent_channels`, `latent_dim` (2 = an image VAE),
+  `spacial_compression_encode()` (pixels per latent).
+
+Text: the tokens are ComfyUI's `cond`; the mask its `attention_mask` when the encoder reports one, else
+every token counts (CLIP pads to 77 with real end tokens; T5 loaded as CLIPLoader type "pixart" is not
+padded). Pooled: the encoder's UNPROJECTED pooled output when it has one (CLIP: the end token, as the
+trainer's `hf` encoder pools CLIP); encoders without one (T5) give the masked mean of the tokens, as the
+trainer's `hf` encoder pools T5. The widths must be the model's (`text_dim`, `pooled_text_dim`).
+
+Latents: ComfyUI keeps a latent space's scale and shift in the diffusion model's `latent_format`, not on
+the VAE, so a VAE cannot say them. STIV latents are `(raw - shift) * scale` with the scale and shift of
+the model's OWN VAE (the one in its bundle: a diffusers VAE's `scaling_factor` / `shift_factor`; the
+built-in pixel space has none: 1 and 0), i.e. the latent space the model was trained in; the ComfyUI
+VAE must also match it in latent channels and pixels per latent (checked).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any, Mapping, Sequence
+
+import torch
+
+from ..stiv_core.config import STIVConfig
+from ..stiv_core.interfaces import TextEmbedding, VideoVAE
+from ..stiv_core.pipeline import STIVPipeline
+
+CHANNEL_HINTS = {3: "pixel space, e.g. VAELoader's 'pixel_space'", 4: "e.g. an SD 1.x / SDXL VAE",
+                 16: "e.g. an SD3 / Flux VAE"}
+TEXT_WIDTHS = "T5-XXL gives 4096, CLIP-L 768, CLIP-G 1280"
+
+
+# -- text ---------------------------------------------------------------------------------------
+def clip_text_embedding(clip: Any, prompt: str) -> TextEmbedding:
+    """One prompt through a ComfyUI CLIP -> tokens `(1, L, D)`, mask `(1, L)`, pooled `(1, Dp)` (float32, CPU)."""
+    out = clip.encode_from_tokens(clip.tokenize(prompt), return_pooled="unprojected", return_dict=True)
+    tokens = out["cond"].float().cpu()
+    if tokens.dim() != 3 or tokens.shape[0] != 1:
+        raise ValueError(f"the CLIP returned text embeddings of shape {tuple(tokens.shape)}; expected (1, tokens, width)")
+    mask = out.get("attention_mask")
+    mask = torch.ones(tokens.shape[:2], dtype=torch.bool) if mask is None else mask.cpu().bool().reshape(1, -1)
+    pooled = out.get("pooled_output")
+    if pooled is None:
+        weights = mask.float()[..., None]
+        pooled = (tokens * weights).sum(1) / weights.sum(1).clamp_min(1.0)
+    return TextEmbedding(tokens, mask, pooled.float().cpu().reshape(1, -1))
+
+
+class EncodedPrompts:
+    """A `TextEncoder` over prompts already encoded (by a ComfyUI CLIP, in STIV Text Encode)."""
+
+    def __init__(self, texts: Mapping[str, TextEmbedding]):
+        if not texts:
+            raise ValueError("no encoded prompts")
+        self.texts = dict(texts)
+        first = next(iter(self.texts.values()))
+        self.dim, self.pooled_dim = first.tokens.shape[-1], first.pooled.shape[-1]
+
+    def encode(self, prompts: Sequence[str]) -> TextEmbedding:
+        missing = [p for p in prompts if p not in self.texts]
+        if missing:
+            raise ValueError(f"prompt(s) {missing} were not encoded by the CLIP on STIV Text Encode")
+        rows = [self.texts[p] for p in prompts]
+        length = max(r.tokens.shape[1] for r in rows)
+        rows = [r.fit(length) for r in rows]  # padded to the longest (never cut)
+        return TextEmbedding(*(torch.cat([getattr(r, k) for r in rows]) for k in ("tokens", "mask", "pooled")))
+
+    def check_widths(self, config: STIVConfig) -> None:
+        """A clear error when these embeddings are not as wide as the model's text input."""
+        if self.dim != config.text_dim:
+            raise ValueError(f"the CLIP connected to STIV Text Encode gives {self.dim}-wide text embeddings, but "
+                             f"this model was trained on {config.text_dim}-wide ones ({TEXT_WIDTHS}): connect "
+                             f"the text encoder it was trained with, or leave clip unconnected to use the model's own")
+        if self.pooled_dim != config.pooled_text_dim:
+            raise ValueError(f"the CLIP connected to STIV Text Encode gives a {self.pooled_dim}-wide pooled "
+                             f"embedding, but this model takes {config.pooled_text_dim}-wide pooled text: connect "
+                             f"the text encoder it was trained with, or leave clip unconnected to use the model's own")
+
+
+# -- VAE ----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class LatentScaling:
+    """Model latents = `(raw - shift) * scale`, raw = what the VAE's encoder gives."""
+
+    scale: float = 1.0
+    shift: float = 0.0
+
+    @classmethod
+    def of(cls, vae: VideoVAE) -> LatentScaling:
+        """The scaling a STIV-side VAE applies (DiffusersVAE records it; pixel space has none)."""
+        return cls(float(getattr(vae, "scaling_factor", 1.0)), float(getattr(vae, "shift_factor", 0.0)))
+
+    def to_model(self, raw: torch.Tensor) -> torch.Tensor:
+        return (raw - self.shift) * self.scale
+
+    def to_raw(self, latents: torch.Tensor) -> torch.Tensor:
+        return latents / self.scale + self.shift
+
+
+class ComfyVideoVAE:
+    """A ComfyUI image VAE applied to each frame of `(B, 3, T, H, W)` pixels in [-1, 1] (the `VideoVAE`
+    contract), `chunk_frames` frames per call; latents are scaled by `scaling`."""
+
+    def __init__(self, vae: Any, *, scaling: LatentScaling, chunk_frames: int = 16):
+        if getattr(vae, "latent_dim", 2) != 2:
+            raise ValueError(f"the connected VAE has {vae.latent_dim}-D latents (a video or audio VAE); STIV "
+                             f"encodes each frame with an image VAE (2-D latents)")
+        if chunk_frames < 1:
+            raise ValueError(f"chunk_frames must be >= 1, got {chunk_frames}")
+        self.vae, self.scaling, self.chunk_frames = vae, scaling, chunk_frames
+        self.latent_channels = int(vae.latent_channels)
+        self.spatial_factor = int(vae.spacial_compression_encode())
+
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        """`(B, 3, T, H, W)` in [-1, 1] -> model latents `(B, C, T, H / f, W / f)` (float32)."""
+        f = self.spatial_factor
+        if pixels.dim() != 5 or pixels.shape[1] != 3 or pixels.shape[-2] % f or pixels.shape[-1] % f:
+            raise ValueError(f"the VAE encodes (B, 3, T, H, W) pixels with H and W multiples of {f}, got "
+                             f"{tuple(pixels.shape)}")
+        images = ((pixels.float() + 1) / 2).clamp(0, 1).permute(0, 2, 3, 4, 1).flatten(0, 1)  # (B*T, H, W, 3)
+        raw = torch.cat([self.vae.encode(chunk.contiguous()).float().cpu()
+                         for chunk in images.split(self.chunk_frames)])
+        expected = (images.shape[0], self.latent_channels, pixels.shape[-2] // f, pixels.shape[-1] // f)
+        if tuple(raw.shape) != expected:
+            raise ValueError(f"the VAE encoded {images.shape[0]} frames to {tuple(raw.shape)}, expected {expected}")
+        latents = self.scaling.to_model(raw).unflatten(0, pixels.shape[:1] + pixels.shape[2:3])
+        return latents.transpose(1, 2).to(pixels.device)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Model latents `(B, C, T, h, w)` -> pixels `(B, 3, T, h * f, w * f)` in [-1, 1] (float32)."""
+        if latents.dim() != 5 or latents.shape[1] != self.latent_channels:
+            raise ValueError(f"the VAE decodes (B, {self.latent_channels}, T, h, w) latents, got "
+                             f"{tuple(latents.shape)}")
+        raw = self.scaling.to_raw(latents.float().transpose(1, 2).flatten(0, 1))  # (B*T, C, h, w)
+        images = torch.cat([self.vae.decode(chunk.contiguous())[..., :3].float().cpu()
+                            for chunk in raw.split(self.chunk_frames)])     # (B*T, H, W, 3) in 0..1
+        pixels = (images * 2 - 1).clamp(-1, 1).permute(0, 3, 1, 2)
+        return pixels.unflatten(0, latents.shape[:1] + latents.shape[2:3]).transpose(1, 2).to(latents.device)
+
+
+def comfy_vae_for(pipeline: STIVPipeline, vae: Any, *, chunk_frames: int = 16) -> ComfyVideoVAE:
+    """A ComfyUI VAE in the latent space of `pipeline`'s model, or a clear error when it is another one."""
+    own = pipeline.vae
+    adapter = ComfyVideoVAE(vae, scaling=LatentScaling.of(own), chunk_frames=chunk_frames)
+    channels = pipeline.model.config.latent_channels
+    if adapter.latent_channels != channels:
+        raise ValueError(f"the connected VAE gives {adapter.latent_channels}-channel latents, but this STIV model "
+                         f"works on {channels}-channel latents ({CHANNEL_HINTS.get(channels, 'its own VAE')}): "
+                         f"connect the VAE it was trained with, or leave vae unconnected to use the model's own")
+    if adapter.spatial_factor != own.spatial_factor:
+        raise ValueError(f"the connected VAE has {adapter.spatial_factor} pixels per latent, but this STIV model's "
+                         f"latents have {own.spatial_factor}: connect the VAE it was trained with, or leave vae "
+                         f"unconnected to use the model's own")
+    return adapter
+
+
+def with_comfy_vae(pipeline: STIVPipeline, vae: Any, *, chunk_frames: int = 16) -> STIVPipeline:
+    """The same model and text encoder, pixels <-> latents through a ComfyUI VAE (None: unchanged)."""
+    return pipeline if vae is None else replace(pipeline, vae=comfy_vae_for(pipeline, vae, chunk_frames=chunk_frames))
