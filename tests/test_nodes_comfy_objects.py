@@ -74,9 +74,15 @@ def test_a_t5_like_clip_gives_the_masked_token_mean_as_pooled_text():
     padded = adapters.clip_text_embedding(ComfyCLIPStandIn(32, pad_to=9, attention_mask=True), PROMPT)
     assert padded.mask.tolist() == [[True] * 5 + [False] * 4]
     torch.testing.assert_close(padded.pooled, own.pooled)
-    # without a mask every token counts (as ComfyUI's unmasked encoders give them): the pads pull the mean
+    # without a mask, the zeroed padding of ComfyUI's zero_out_masked encoders is not text either
     unmasked = adapters.clip_text_embedding(ComfyCLIPStandIn(32, pad_to=9), PROMPT)
-    assert unmasked.mask.all() and not torch.allclose(unmasked.pooled, own.pooled)
+    assert unmasked.mask.tolist() == padded.mask.tolist()
+    torch.testing.assert_close(unmasked.pooled, own.pooled)
+    # padding that is real vectors (CLIP's end tokens) counts: only an encoder's own mask removes it
+    clip = ComfyCLIPStandIn(32, pad_to=9)
+    clip.tokenize = lambda text, return_word_ids=False, **kw: {"t5xxl": [[(w, 1.0) for w in (text + " end" * 4).split()]]}
+    ends = adapters.clip_text_embedding(clip, PROMPT)
+    assert ends.mask.all() and ends.tokens.shape[1] == 9 and not torch.allclose(ends.pooled, own.pooled)
 
 
 def test_a_clip_with_a_pooled_output_gives_its_unprojected_pooled_text():
