@@ -168,29 +168,115 @@ def test_the_pack_loads_with_every_node_and_the_extension(server):
         assert b'registerExtension' in r.read()
 
 
-@pytest.mark.parametrize("path", shipped_workflows(), ids=lambda p: p.stem)
-def test_every_shared_workflow_runs_to_a_saved_video(server, path):
+def run_prompt(server: Server, prompt: dict, what: str) -> tuple[dict, list]:
+    """Queue an API-format prompt, wait for it; its status and the frames (RGB arrays) of the mp4s it saved."""
     import av
 
-    workflow = json.loads(path.read_text())
-    if server.model_name is not None:
-        for n in workflow["nodes"]:
-            if n["type"] == "STIVLoader":
-                n["widgets_values"][0] = server.model_name
-    prompt = to_api(workflow, server.get("/object_info", timeout=60))
     before = set((server.base / "output").rglob("*.mp4"))
     prompt_id = server.post("/prompt", {"prompt": prompt, "client_id": "stiv-test"})["prompt_id"]
     deadline = time.monotonic() + RUN_TIMEOUT_S
     while not (history := server.get(f"/history/{prompt_id}")):
-        assert time.monotonic() < deadline, f"{path.stem} did not finish in {RUN_TIMEOUT_S} s:\n{server.log_tail()}"
+        assert time.monotonic() < deadline, f"{what} did not finish in {RUN_TIMEOUT_S} s:\n{server.log_tail()}"
         time.sleep(1)
-    status = history[prompt_id]["status"]
+    videos = []
+    for path in sorted(set((server.base / "output").rglob("*.mp4")) - before):
+        with av.open(str(path)) as video:
+            videos.append([f.to_ndarray(format="rgb24") for f in video.decode(video=0)])
+    return history[prompt_id]["status"], videos
+
+
+def shipped_prompt(server: Server, name: str, model_name: str | None = None) -> dict:
+    """A shared workflow in API format, its STIV Loader on `model_name` (else the test's model)."""
+    workflow = json.loads((ROOT / "workflows" / f"{name}.json").read_text())
+    for n in workflow["nodes"]:
+        if n["type"] == "STIVLoader" and (model_name or server.model_name):
+            n["widgets_values"][0] = model_name or server.model_name
+    return to_api(workflow, server.get("/object_info", timeout=60))
+
+
+@pytest.mark.parametrize("path", shipped_workflows(), ids=lambda p: p.stem)
+def test_every_shared_workflow_runs_to_a_saved_video(server, path):
+    status, videos = run_prompt(server, shipped_prompt(server, path.stem), path.stem)
     assert status["status_str"] == "success", json.dumps(status["messages"])[:3000] + "\n" + server.log_tail()
-    new = set((server.base / "output").rglob("*.mp4")) - before
-    assert len(new) == 1, f"saved: {sorted(new)}"
-    with av.open(str(new.pop())) as video:
-        frames = [f for f in video.decode(video=0)]
-    assert len(frames) == 16 and (frames[0].width, frames[0].height) == (32, 32)
+    assert len(videos) == 1 and len(videos[0]) == 16 and videos[0][0].shape == (32, 32, 3)
+
+
+# -- ComfyUI's own CLIP and VAE on the STIV nodes ---------------------------------------------------
+T5_FILE, T5_MODEL_FILE = "t5_base_random.safetensors", "small_t5_base.safetensors"
+
+
+def random_t5_encoder(config: dict) -> dict:
+    """A T5 encoder's weights under Hugging Face's names (what ComfyUI's T5 loads), random, float16."""
+    import torch
+
+    d, inner, ff = config["d_model"], config["num_heads"] * config["d_kv"], config["d_ff"]
+    g = torch.Generator().manual_seed(0)
+    rand = lambda *shape: (torch.randn(*shape, generator=g) * shape[-1] ** -0.5).half()
+    state = {"shared.weight": rand(config["vocab_size"], d), "encoder.final_layer_norm.weight": torch.ones(d).half(),
+             "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight":
+                 rand(config["relative_attention_num_buckets"], config["num_heads"])}
+    for i in range(config["num_layers"]):
+        block = f"encoder.block.{i}.layer."
+        state.update({block + f"0.SelfAttention.{n}.weight": rand(inner, d) for n in "qkv"})
+        state.update({block + "0.SelfAttention.o.weight": rand(d, inner), block + "1.DenseReluDense.wi.weight": rand(ff, d),
+                      block + "1.DenseReluDense.wo.weight": rand(d, ff), block + "0.layer_norm.weight": torch.ones(d).half(),
+                      block + "1.layer_norm.weight": torch.ones(d).half()})
+    return state
+
+
+@pytest.fixture(scope="module")
+def t5_base(server):
+    """A random-weight T5-base text encoder (ComfyUI's own config; CLIPLoader type "stable_audio") in
+    models/text_encoders, and a small bundle whose text width is T5-base's 768 in models/stiv."""
+    from safetensors.torch import save_file
+
+    config = json.loads((Path(COMFYUI_DIR) / "comfy" / "text_encoders" / "t5_config_base.json").read_text())
+    folder = server.base / "models" / "text_encoders"
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(random_t5_encoder(config), str(folder / T5_FILE))
+    write_small_bundle(server.base / "models" / "stiv", text_dim=config["d_model"], name=T5_MODEL_FILE)
+    return T5_FILE
+
+
+def with_comfy_encoders(prompt: dict, clip_name: str | None) -> dict:
+    """VAELoader's pixel_space on every STIV Image Condition and STIV Decode; CLIPLoader (`clip_name`, type
+    stable_audio) on every STIV Text Encode."""
+    prompt = {**prompt, "vae": {"class_type": "VAELoader", "inputs": {"vae_name": "pixel_space"}}}
+    if clip_name is not None:
+        prompt["clip"] = {"class_type": "CLIPLoader", "inputs": {"clip_name": clip_name, "type": "stable_audio"}}
+    for n in prompt.values():
+        if n["class_type"] in ("STIVImageCondition", "STIVDecode"):
+            n["inputs"]["vae"] = ["vae", 0]
+        if n["class_type"] == "STIVTextEncode" and clip_name is not None:
+            n["inputs"]["clip"] = ["clip", 0]
+    return prompt
+
+
+def test_comfyui_vae_loader_on_the_stiv_nodes_gives_the_same_video(server):
+    """The built-in kind of model works in pixel space, so VAELoader's pixel_space is its own VAE."""
+    runs = [run_prompt(server, prompt, "image to video") for prompt in
+            (shipped_prompt(server, "stiv_image_to_video"),
+             with_comfy_encoders(shipped_prompt(server, "stiv_image_to_video"), None))]
+    for status, _ in runs:
+        assert status["status_str"] == "success", json.dumps(status["messages"])[:3000] + "\n" + server.log_tail()
+    (own,), (comfy,) = (videos for _, videos in runs)
+    assert len(comfy) == 16 and comfy[0].shape == (32, 32, 3)
+    # both runs use the seed value the workflow holds (the API runs no control_after_generate); 8-bit H.264 frames
+    assert max(abs(a.astype(int) - b.astype(int)).mean() for a, b in zip(own, comfy)) < 1.0
+
+
+def test_comfyui_t5_on_stiv_text_encode_runs_and_a_wrong_width_is_reported(server, t5_base):
+    status, videos = run_prompt(server, with_comfy_encoders(shipped_prompt(server, "stiv_image_to_video",
+                                                                           T5_MODEL_FILE), t5_base), "T5 run")
+    assert status["status_str"] == "success", json.dumps(status["messages"])[:3000] + "\n" + server.log_tail()
+    assert len(videos) == 1 and len(videos[0]) == 16
+    # T5-base (768 wide) into a model of another text width: the node's message reaches ComfyUI's error
+    status, videos = run_prompt(server, with_comfy_encoders(shipped_prompt(server, "stiv_text_to_video"), t5_base),
+                                "T5 into another width")
+    errors = [m[1] for m in status["messages"] if m[0] == "execution_error"]
+    assert status["status_str"] == "error" and not videos and errors, status
+    assert errors[0]["node_type"] == "STIVSampler", errors[0]
+    assert "gives 768-wide text embeddings, but this model was trained on" in errors[0]["exception_message"], errors
 
 
 # -- the frontend in headless Chromium --------------------------------------------------------------

@@ -38,13 +38,13 @@ def pack_module(name: str):
     return importlib.import_module(f"{PACK}.{name}")
 
 
-def write_small_bundle(folder: Path) -> Path:
-    """A random 1-block bundle (pixel VAE, word encoder), 16x16 px, temporal patch 2, patch 4."""
-    config = preset("tiny", depth=1, hidden_size=32, num_heads=2, text_dim=32, pooled_text_dim=32,
+def write_small_bundle(folder: Path, *, text_dim: int = 32, name: str = MODEL_FILE) -> Path:
+    """A random 1-block bundle (pixel VAE, word encoder of `text_dim`), 16x16 px, temporal patch 2, patch 4."""
+    config = preset("tiny", depth=1, hidden_size=32, num_heads=2, text_dim=text_dim, pooled_text_dim=text_dim,
                     max_text_tokens=8)
     torch.manual_seed(0)
     model = randomize(STIVTransformer(config))
-    words = WordTextEncoder(VOCAB, dim=32, max_tokens=8)
+    words = WordTextEncoder(VOCAB, dim=text_dim, max_tokens=8)
     folder.mkdir(parents=True, exist_ok=True)
-    save_bundle(folder / MODEL_FILE, model, words, defaults=DEFAULTS)
-    return folder / MODEL_FILE
+    save_bundle(folder / name, model, words, defaults=DEFAULTS)
+    return folder / name
