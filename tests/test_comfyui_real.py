@@ -3,8 +3,10 @@
 ComfyUI runs headless on the CPU, on loopback only, with a temporary base directory whose custom_nodes/
 holds a link to this checkout (the ComfyUI checkout itself is not touched). The pack must load with no
 import error, every shared workflow (converted from UI to API format here) must run to a saved video
-through the HTTP API, and the page must load js/stiv.js in headless Chromium with no console error about
-it. Without the built-in weights the workflows are pointed at a small random bundle in models/stiv.
+through the HTTP API, ComfyUI's own VAE (VAELoader) and text encoder (CLIPLoader, a random-weight T5-base
+written here) must work on the STIV nodes' optional vae / clip inputs, and the page must load js/stiv.js
+in headless Chromium with no console error about it. Without the built-in weights the workflows are
+pointed at a small random bundle in models/stiv.
 """
 from __future__ import annotations
 
