@@ -1,0 +1,69 @@
+"""Tiny random Hugging Face text encoders with their tokenizers, saved to a folder (offline, no download).
+
+CLIP: a character-level BPE vocabulary (plus merges for a few words), BOS 0, EOS = pad = 1 as in
+OpenAI's CLIP, 16 positions. T5: a unigram vocabulary of the same words and letters, pad 0, EOS 1.
+"""
+from __future__ import annotations
+
+import string
+from pathlib import Path
+
+import torch
+
+WORDS = ("a", "red", "blue", "circle", "square", "moving", "left", "right", "the", "to", "small")
+CLIP_POSITIONS = 16
+
+
+def clip_tokenizer():
+    from transformers import CLIPTokenizer
+
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    merges: list[tuple[str, str]] = []
+    add = lambda token: vocab.setdefault(token, len(vocab))
+    for ch in string.ascii_lowercase:
+        add(ch), add(ch + "</w>")
+    for word in WORDS:
+        pieces = list(word[:-1]) + [word[-1] + "</w>"]
+        current = pieces[0]
+        for piece in pieces[1:]:
+            if (current, piece) not in merges:
+                merges.append((current, piece))
+            current += piece
+            add(current)
+    return CLIPTokenizer(vocab=vocab, merges=merges)
+
+
+def save_tiny_clip(folder: Path, kind: str = "text", seed: int = 0) -> Path:
+    """kind: "text" (CLIPTextModel), "projection" (CLIPTextModelWithProjection) or "full" (CLIPModel)."""
+    import transformers
+
+    tokenizer = clip_tokenizer()
+    text = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                num_attention_heads=4, max_position_embeddings=CLIP_POSITIONS, projection_dim=24,
+                bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    torch.manual_seed(seed)
+    if kind == "full":
+        vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                      image_size=16, patch_size=8)
+        model = transformers.CLIPModel(transformers.CLIPConfig(text_config=text, vision_config=vision,
+                                                               projection_dim=24))
+    else:
+        cls = {"text": transformers.CLIPTextModel, "projection": transformers.CLIPTextModelWithProjection}[kind]
+        model = cls(transformers.CLIPTextConfig(**text))
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def save_tiny_t5(folder: Path, seed: int = 0) -> Path:
+    import transformers
+
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
+    vocab += [("▁" + w, -1.0) for w in WORDS] + [(c, -5.0) for c in string.ascii_lowercase]
+    tokenizer = transformers.T5Tokenizer(vocab=vocab, extra_ids=0)
+    torch.manual_seed(seed)
+    config = transformers.T5Config(vocab_size=len(vocab), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                                   pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+    transformers.T5EncoderModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
