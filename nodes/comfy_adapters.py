@@ -11,9 +11,10 @@ Duck-typed: nothing here imports comfy. The ComfyUI API used (comfy/sd.py, Comfy
 Text: the tokens are ComfyUI's `cond`; the mask its `attention_mask` when the encoder reports one, else
 every token that is not exactly zero (encoders that pad without reporting a mask zero their padding,
 e.g. T5-base as "stable_audio"; CLIP pads to 77 with real end tokens, which count, as in SD; T5-XXL as
-"pixart" is not padded). Pooled: the encoder's UNPROJECTED pooled output when it has one (CLIP: the end token, as the
-trainer's `hf` encoder pools CLIP); encoders without one (T5) give the masked mean of the tokens, as the
-trainer's `hf` encoder pools T5. The widths must be the model's (`text_dim`, `pooled_text_dim`).
+"pixart" is not padded). Pooled: the encoder's UNPROJECTED pooled output when it has one (CLIP: the end
+token, as the trainer's `hf` encoder pools CLIP); encoders without one (T5) give the masked mean of the
+tokens, as the trainer's `hf` encoder pools T5. The widths must be the model's (`text_dim`,
+`pooled_text_dim`).
 
 Latents: ComfyUI keeps a latent space's scale and shift in the diffusion model's `latent_format`, not on
 the VAE, so a VAE cannot say them. STIV latents are `(raw - shift) * scale` with the scale and shift of
@@ -43,7 +44,8 @@ def clip_text_embedding(clip: Any, prompt: str) -> TextEmbedding:
     out = clip.encode_from_tokens(clip.tokenize(prompt), return_pooled="unprojected", return_dict=True)
     tokens = out["cond"].float().cpu()
     if tokens.dim() != 3 or tokens.shape[0] != 1:
-        raise ValueError(f"the CLIP returned text embeddings of shape {tuple(tokens.shape)}; expected (1, tokens, width)")
+        raise ValueError(f"the CLIP returned text embeddings of shape {tuple(tokens.shape)}; expected "
+                         f"(1, tokens, width)")
     mask = out.get("attention_mask")
     mask = tokens.abs().amax(-1) > 0 if mask is None else mask.cpu().bool().reshape(1, -1)
     pooled = out.get("pooled_output")

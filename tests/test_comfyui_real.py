@@ -218,11 +218,11 @@ def random_t5_encoder(config: dict) -> dict:
              "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight":
                  rand(config["relative_attention_num_buckets"], config["num_heads"])}
     for i in range(config["num_layers"]):
-        block = f"encoder.block.{i}.layer."
-        state.update({block + f"0.SelfAttention.{n}.weight": rand(inner, d) for n in "qkv"})
-        state.update({block + "0.SelfAttention.o.weight": rand(d, inner), block + "1.DenseReluDense.wi.weight": rand(ff, d),
-                      block + "1.DenseReluDense.wo.weight": rand(d, ff), block + "0.layer_norm.weight": torch.ones(d).half(),
-                      block + "1.layer_norm.weight": torch.ones(d).half()})
+        attention, dense = f"encoder.block.{i}.layer.0.", f"encoder.block.{i}.layer.1."
+        state.update({attention + f"SelfAttention.{n}.weight": rand(inner, d) for n in "qkv"})
+        state.update({attention + "SelfAttention.o.weight": rand(d, inner), dense + "DenseReluDense.wi.weight": rand(ff, d),
+                      dense + "DenseReluDense.wo.weight": rand(d, ff)})
+        state.update({part + "layer_norm.weight": torch.ones(d).half() for part in (attention, dense)})
     return state
 
 
