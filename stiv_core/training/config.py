@@ -179,6 +179,8 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     text_encoder: TextEncoderKind = TextEncoderKind.HASHED
     text_encoder_path: str = ""         # the local folder for text_encoder = "hf"
+    pooled_text_encoder_path: str = ""  # a CLIP-like folder whose pooled (EOS) embedding replaces the
+                                        # text encoder's (T5 tokens + CLIP pooled, as the paper); "hf" only
     vae: VAEKind = VAEKind.PIXEL
     vae_path: str = ""                  # the local folder or file for vae = "diffusers"
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -192,6 +194,8 @@ class TrainConfig:
         _coerce_enum(self, "vae", VAEKind)
         if self.text_encoder == TextEncoderKind.HF:
             _need(bool(self.text_encoder_path), "text_encoder_path", "is required for text_encoder='hf'", "")
+        _need(not self.pooled_text_encoder_path or self.text_encoder == TextEncoderKind.HF,
+              "pooled_text_encoder_path", "needs text_encoder='hf'", self.pooled_text_encoder_path)
         if self.vae == VAEKind.DIFFUSERS:
             _need(bool(self.vae_path), "vae_path", "is required for vae='diffusers'", "")
         _need(bool(self.output_dir), "output_dir", "must be a folder path", self.output_dir)

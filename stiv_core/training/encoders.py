@@ -2,7 +2,8 @@
 
 - text: `hashed` (a fixed vector per word; tests), `words` (the built-in word-level encoder, frozen at
   a seeded initialisation so every process and every resume builds the same one; it ships in the
-  exported bundle), `hf` (T5, CLIP or any Hugging Face encoder from `text_encoder_path`, offline);
+  exported bundle), `hf` (T5, CLIP or any Hugging Face encoder from `text_encoder_path`, offline;
+  with `pooled_text_encoder_path`, the pooled embedding comes from that CLIP-like encoder instead);
 - vae: `pixel` (pixel space, the built-in model's) or `diffusers` (an AutoencoderKL from `vae_path`).
 """
 from __future__ import annotations
@@ -53,7 +54,14 @@ def build_text_encoder(config: TrainConfig, device: torch.device | str) -> TextE
         from ..encoders.hf import HFTextEncoder
 
         encoder = HFTextEncoder(config.text_encoder_path, max_tokens=m.max_text_tokens, device=device)
-        _need_widths(m, encoder.dim, encoder.pooled_dim, config.text_encoder_path)
+        what = config.text_encoder_path
+        if config.pooled_text_encoder_path:
+            from ..encoders.combined import CombinedTextEncoder
+
+            pooled = HFTextEncoder(config.pooled_text_encoder_path, max_tokens=m.max_text_tokens, device=device)
+            encoder = CombinedTextEncoder(encoder, pooled)
+            what = f"{config.text_encoder_path} (tokens) + {config.pooled_text_encoder_path} (pooled)"
+        _need_widths(m, encoder.dim, encoder.pooled_dim, what)
         return encoder
     if m.pooled_text_dim > m.text_dim:
         raise ConfigError(f"model.pooled_text_dim ({m.pooled_text_dim}) must be <= model.text_dim "
