@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from stiv_core.checkpoint import load_model
 from stiv_core.encoders.combined import CombinedTextEncoder
@@ -58,6 +59,19 @@ def test_t5_tokens_with_a_clip_pooled_embedding(tmp_path, folders):
     torch.testing.assert_close(e.tokens, HFTextEncoder(folders["t5"]).encode(prompts).tokens)
     result = train(config)
     assert result.step == 2 and load_model(result.model_path).config.pooled_text_dim == 24
+
+
+def test_a_single_original_format_vae_file_with_its_family(tmp_path, folders):
+    from stiv_core.encoders.vae import DiffusersVAE
+    from tests.test_vae import sd_family_autoencoder, to_ldm
+
+    save_file(to_ldm(sd_family_autoencoder().state_dict(), levels=2), str(tmp_path / "sdxl_vae.safetensors"))
+    config = load_config(CONFIG, overrides(tmp_path, folders, vae_path=f'"{tmp_path / "sdxl_vae.safetensors"}"',
+                                           vae_config='"sdxl"'))
+    _, vae = build_encoders(config)
+    assert isinstance(vae, DiffusersVAE) and (vae.latent_channels, vae.scaling_factor) == (4, 0.13025)
+    with pytest.raises(ConfigError, match="vae_config needs vae='diffusers'"):
+        load_config(CONFIG, ['vae_config="sdxl"'])
 
 
 @pytest.mark.parametrize("change,message", [

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import re
+import socket
 import sys
 
 import pytest
@@ -9,7 +11,7 @@ import torch
 
 diffusers = pytest.importorskip("diffusers")
 
-from stiv_core.encoders.vae import DiffusersVAE, LatentSampling  # noqa: E402
+from stiv_core.encoders.vae import DiffusersVAE, LatentSampling, VAEFamily  # noqa: E402
 from stiv_core.interfaces import VideoVAE  # noqa: E402
 
 
@@ -80,9 +82,118 @@ class TestSingleFileAndChannels:
     def test_single_file_without_config_is_refused(self, tmp_path):
         from safetensors.torch import save_file
 
-        save_file({"encoder.down_blocks.0.x": torch.zeros(1)}, str(tmp_path / "vae.safetensors"))
-        with pytest.raises(FileNotFoundError, match="needs its diffusers config.json"):
+        save_file({"encoder.down_blocks.0.resnets.0.conv1.weight": torch.zeros(1)}, str(tmp_path / "vae.safetensors"))
+        with pytest.raises(FileNotFoundError, match="or its diffusers config.json"):
             DiffusersVAE(tmp_path / "vae.safetensors")
+
+
+# ---- original (LDM / ComfyUI models/vae) key names, written here from the original Encoder/Decoder ----
+
+_LDM_RENAMES = [  # (diffusers pattern, original replacement), applied in order
+    (r"^(encoder|decoder)\.mid_block\.resnets\.(\d)\.", lambda m: f"{m[1]}.mid.block_{int(m[2]) + 1}."),
+    (r"^(encoder|decoder)\.mid_block\.attentions\.0\.group_norm\.", r"\1.mid.attn_1.norm."),
+    (r"^(encoder|decoder)\.mid_block\.attentions\.0\.to_([qkv])\.", r"\1.mid.attn_1.\2."),
+    (r"^(encoder|decoder)\.mid_block\.attentions\.0\.to_out\.0\.", r"\1.mid.attn_1.proj_out."),
+    (r"^encoder\.down_blocks\.(\d+)\.resnets\.", r"encoder.down.\1.block."),
+    (r"^encoder\.down_blocks\.(\d+)\.downsamplers\.0\.", r"encoder.down.\1.downsample."),
+    (r"\.conv_shortcut\.", ".nin_shortcut."),
+    (r"^(encoder|decoder)\.conv_norm_out\.", r"\1.norm_out."),
+]
+
+
+def to_ldm(state: dict[str, torch.Tensor], levels: int) -> dict[str, torch.Tensor]:
+    """A diffusers AutoencoderKL state dict under the original names: the decoder's up blocks in reverse
+    order, the mid attention's linear layers as 1x1 convolutions."""
+    out = {}
+    for key, value in state.items():
+        up = re.match(r"^decoder\.up_blocks\.(\d+)\.(resnets|upsamplers\.0)\.(.*)$", key)
+        if up:
+            part = "block" if up[2] == "resnets" else "upsample"
+            key = f"decoder.up.{levels - 1 - int(up[1])}.{part}.{up[3]}"
+        for pattern, replacement in _LDM_RENAMES:
+            key = re.sub(pattern, replacement, key)
+        if ".mid.attn_1." in key and key.endswith("weight") and value.dim() == 2:
+            value = value[:, :, None, None]
+        out[key] = value.contiguous()
+    return out
+
+
+def sd_family_autoencoder(latent_channels=4, scaling=0.13025, shift=None):
+    """An SD-family architecture (GroupNorm 32, mid attention) at tiny width."""
+    torch.manual_seed(1)
+    return diffusers.AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=latent_channels, block_out_channels=(32, 64),
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        layers_per_block=1, norm_num_groups=32, sample_size=16, scaling_factor=scaling, shift_factor=shift)
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"network access attempted: {args}")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+def _save(state, path):
+    from safetensors.torch import save_file
+
+    save_file(state, str(path))
+    return path
+
+
+def _assert_same_vae(vae: DiffusersVAE, model, scale: float, shift: float = 0.0):
+    pixels = _pixels(b=1, t=3, seed=4)
+    with torch.no_grad():
+        raw = torch.stack([model.encode(pixels[:, :, t]).latent_dist.mode() for t in range(3)], 2)
+        latents = vae.encode(pixels)
+        torch.testing.assert_close(latents, (raw - shift) * scale, atol=1e-5, rtol=1e-4)
+        expected = model.decode(latents[:, :, 1] / scale + shift).sample.clamp(-1, 1)
+    torch.testing.assert_close(vae.decode(latents)[:, :, 1], expected, atol=1e-5, rtol=1e-4)
+
+
+class TestOriginalFormatFile:
+    @pytest.mark.parametrize("family,scale", [("sdxl", 0.13025), (VAEFamily.SD, 0.18215)])
+    def test_family_file_equals_the_original_model(self, tmp_path, no_network, family, scale):
+        model = sd_family_autoencoder(scaling=scale).eval()
+        state = to_ldm(model.state_dict(), levels=2)
+        assert "encoder.down.0.block.0.conv1.weight" in state and "decoder.up.1.upsample.conv.weight" in state
+        assert state["encoder.mid.attn_1.q.weight"].dim() == 4
+        vae = DiffusersVAE(_save(state, tmp_path / "sdxl_vae.safetensors"), config=family)
+        cfg = vae.vae.config
+        assert (tuple(cfg.block_out_channels), cfg.layers_per_block, cfg.latent_channels) == ((32, 64), 1, 4)
+        assert (vae.scaling_factor, vae.shift_factor, vae.spatial_factor) == (scale, 0.0, 2)
+        _assert_same_vae(vae, model, scale)
+
+    def test_sixteen_channel_family_has_its_shift(self, tmp_path, no_network):
+        model = sd_family_autoencoder(latent_channels=16, scaling=0.3611, shift=0.1159).eval()
+        path = _save(to_ldm(model.state_dict(), levels=2), tmp_path / "ae.safetensors")
+        vae = DiffusersVAE(path, config="flux")
+        assert (vae.latent_channels, vae.scaling_factor, vae.shift_factor) == (16, 0.3611, 0.1159)
+        _assert_same_vae(vae, model, 0.3611, 0.1159)
+        with pytest.raises(ValueError, match="sdxl VAEs have 4 latent channels, this file has 16"):
+            DiffusersVAE(path, config="sdxl")
+
+    def test_config_json_beside_the_file(self, tmp_path, no_network):
+        model = tiny_autoencoder().eval()  # GroupNorm 4: not a family's architecture, so its config is needed
+        path = _save(to_ldm(model.state_dict(), levels=2), tmp_path / "my_vae.safetensors")
+        (tmp_path / "my_vae.json").write_text(json.dumps(dict(model.config)))
+        _assert_same_vae(DiffusersVAE(path), model, 0.13025)
+
+    def test_diffusers_names_with_a_family(self, tmp_path, no_network):
+        model = sd_family_autoencoder(scaling=0.18215).eval()
+        path = _save({k: v.contiguous() for k, v in model.state_dict().items()}, tmp_path / "vae.safetensors")
+        _assert_same_vae(DiffusersVAE(path, config="sd"), model, 0.18215)
+
+    def test_neither_family_nor_config_is_a_clear_error(self, tmp_path):
+        path = _save(to_ldm(sd_family_autoencoder().state_dict(), levels=2), tmp_path / "sdxl_vae.safetensors")
+        with pytest.raises(FileNotFoundError, match=r"needs its family \(config = one of \['sd', 'sdxl'"):
+            DiffusersVAE(path)
+        other = _save({"model.weight": torch.zeros(2)}, tmp_path / "other.safetensors")
+        with pytest.raises(ValueError, match="is not an AutoencoderKL VAE file"):
+            DiffusersVAE(other, config="sdxl")
 
 
 class TestErrors:

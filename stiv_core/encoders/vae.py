@@ -3,21 +3,70 @@
 
 diffusers is imported only here and only when such a VAE is built; nothing is downloaded. Accepted:
 - a diffusers folder (`config.json` + weights), e.g. `sdxl-vae/` or `stable-diffusion-xl-base-1.0/vae`;
-- a single `.safetensors` file with diffusers key names plus its `config.json` (beside it, or `config=`);
-- a single original-format (LDM / ComfyUI `models/vae`) file, converted by diffusers' single-file
-  loader, which also needs the diffusers config folder (`config=`): offline it cannot fetch one.
+- a single `.safetensors` file, with original (LDM / ComfyUI `models/vae`, e.g. `sdxl_vae.safetensors`)
+  or diffusers key names, and either its family (`config="sdxl"`; also "sd", "sd3", "flux": the
+  architecture is read from the tensor shapes, the latent scale and shift are the family's) or its
+  diffusers `config.json` (`config=`, or beside the file as `<stem>.json` / `config.json`). Original
+  names are converted by diffusers' single-file loader, given that config from a local folder.
 Latents are `(z - shift_factor) * scaling_factor`, per frame, encoded and decoded in chunks of frames.
 """
 from __future__ import annotations
 
 import enum
 import json
+import tempfile
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Mapping, Optional, Union
 
 import torch
 
 CONFIG_FILE = "config.json"
+
+
+class VAEFamily(str, enum.Enum):
+    SD = "sd"        # SD 1.x / 2.x
+    SDXL = "sdxl"
+    SD3 = "sd3"
+    FLUX = "flux"
+
+
+# family: (latent channels, scaling_factor, shift_factor, sample_size), as in the families' diffusers configs
+FAMILIES: dict[VAEFamily, tuple[int, float, Optional[float], int]] = {
+    VAEFamily.SD: (4, 0.18215, None, 512),
+    VAEFamily.SDXL: (4, 0.13025, None, 1024),
+    VAEFamily.SD3: (16, 1.5305, 0.0609, 1024),
+    VAEFamily.FLUX: (16, 0.3611, 0.1159, 1024),
+}
+VAEConfigSource = Union[VAEFamily, str, Path, None]  # a family (or its name), a config.json or its folder
+
+
+@dataclass(frozen=True)
+class KeyNames:
+    """Where a key style keeps the tensors whose shapes give the architecture."""
+
+    conv_in: str
+    conv_out: str
+    down: str          # "{i}" = level, "{j}" = block within it
+    mid_attention: str
+
+    @property
+    def mark(self) -> str:
+        """A key only this style has."""
+        return self.block_prefix(0) + "0.conv1.weight"
+
+    @property
+    def down_prefix(self) -> str:
+        return self.down.split("{i}")[0]
+
+    def block_prefix(self, level: int) -> str:
+        return self.down.split("{j}")[0].format(i=level)
+
+
+LDM_NAMES = KeyNames("encoder.conv_in.weight", "encoder.conv_out.weight", "encoder.down.{i}.block.{j}.",
+                     "encoder.mid.attn_1.q.weight")
+DIFFUSERS_NAMES = KeyNames("encoder.conv_in.weight", "encoder.conv_out.weight",
+                           "encoder.down_blocks.{i}.resnets.{j}.", "encoder.mid_block.attentions.0.to_q.weight")
 
 
 class LatentSampling(str, enum.Enum):
@@ -35,9 +84,12 @@ def import_diffusers():
 
 
 class DiffusersVAE:
-    """A diffusers AutoencoderKL applied to each frame of `(B, 3, T, H, W)` pixels in [-1, 1]."""
+    """A diffusers AutoencoderKL applied to each frame of `(B, 3, T, H, W)` pixels in [-1, 1].
 
-    def __init__(self, path: str | Path, *, config: Optional[str | Path] = None, chunk_frames: int = 8,
+    `config` is for single files: a `VAEFamily` (or its name) or a diffusers config.json / its folder.
+    """
+
+    def __init__(self, path: str | Path, *, config: VAEConfigSource = None, chunk_frames: int = 8,
                  device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
                  sampling: LatentSampling = LatentSampling.MODE, generator: Optional[torch.Generator] = None):
         if chunk_frames < 1:
@@ -88,7 +140,7 @@ class DiffusersVAE:
         return out.unflatten(0, (b, t)).transpose(1, 2).to(x.device)
 
 
-def load_autoencoder_kl(path: str | Path, *, config: Optional[str | Path] = None):
+def load_autoencoder_kl(path: str | Path, *, config: VAEConfigSource = None):
     """An AutoencoderKL from a local folder or single file (see the module docstring); never downloads."""
     path = Path(path)
     if not path.exists():
@@ -101,24 +153,71 @@ def load_autoencoder_kl(path: str | Path, *, config: Optional[str | Path] = None
         return diffusers.AutoencoderKL.from_pretrained(path, local_files_only=True)
     if path.suffix not in (".safetensors", ".sft"):
         raise ValueError(f"{path.name}: only .safetensors VAE files are loaded (pickle can run code)")
-    config_file = _config_file(path, config)
-    from safetensors.torch import load_file
+    shapes = _tensor_shapes(path)
+    names = next((n for n in (LDM_NAMES, DIFFUSERS_NAMES) if n.mark in shapes), None)
+    if names is None:
+        raise ValueError(f"{path.name} is not an AutoencoderKL VAE file: it has neither {LDM_NAMES.mark!r} "
+                         f"(original names) nor {DIFFUSERS_NAMES.mark!r} (diffusers names)")
+    vae_config = _vae_config(path, config, shapes, names)
+    if names is DIFFUSERS_NAMES:
+        from safetensors.torch import load_file
 
-    state = load_file(str(path))
-    if any(k.startswith("encoder.down_blocks.") for k in state):  # diffusers key names
-        vae = diffusers.AutoencoderKL.from_config(json.loads(config_file.read_text()))
-        vae.load_state_dict(state)
+        vae = diffusers.AutoencoderKL.from_config(vae_config)
+        vae.load_state_dict(load_file(str(path)))
         return vae
-    return diffusers.AutoencoderKL.from_single_file(str(path), config=str(config_file.parent),
-                                                    local_files_only=True)
+    with tempfile.TemporaryDirectory() as folder:  # from_single_file reads its config from a folder
+        (Path(folder) / CONFIG_FILE).write_text(json.dumps(vae_config))
+        return diffusers.AutoencoderKL.from_single_file(str(path), config=folder, local_files_only=True)
 
 
-def _config_file(path: Path, config: Optional[str | Path]) -> Path:
+def _tensor_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
+
+
+def _vae_config(path: Path, config: VAEConfigSource, shapes: Mapping[str, tuple[int, ...]],
+                names: KeyNames) -> dict:
+    """The diffusers config of a single file: from a family (architecture read from the tensor shapes),
+    or from a config.json (given, beside the file as `<stem>.json`, or `config.json` in its folder)."""
+    family = _family(config)
+    if family is not None:
+        return config_for_family(family, shapes, names, path.name)
     candidates = [Path(config)] if config else [path.with_suffix(".json"), path.parent / CONFIG_FILE]
     for candidate in candidates:
         file = candidate / CONFIG_FILE if candidate.is_dir() else candidate
         if file.is_file():
-            return file
-    raise FileNotFoundError(f"no AutoencoderKL config for {path.name}: a single file needs its diffusers "
-                            f"{CONFIG_FILE} (beside it, as {path.stem}.json, or passed as config=); offline "
-                            f"it cannot be fetched. Looked at: {[str(c) for c in candidates]}")
+            return json.loads(file.read_text())
+    raise FileNotFoundError(f"no AutoencoderKL config for {path.name}: a single file needs its family "
+                            f"(config = one of {[f.value for f in VAEFamily]}: SD 1.x/2.x, SDXL, SD3, Flux) or "
+                            f"its diffusers {CONFIG_FILE} (beside it, as {path.stem}.json, or passed as config=); "
+                            f"offline it cannot be fetched. Looked at: {[str(c) for c in candidates]}")
+
+
+def _family(config: VAEConfigSource) -> Optional[VAEFamily]:
+    if isinstance(config, VAEFamily):
+        return config
+    if isinstance(config, str) and config.lower() in {f.value for f in VAEFamily}:
+        return VAEFamily(config.lower())
+    return None
+
+
+def config_for_family(family: VAEFamily, shapes: Mapping[str, tuple[int, ...]], names: KeyNames,
+                      name: str = "VAE") -> dict:
+    """A diffusers AutoencoderKL config: the architecture read from the tensor shapes (either key style),
+    the latent scale and shift of the family. GroupNorm groups: 32, as in every SD-family VAE."""
+    latents, scale, shift, size = FAMILIES[family]
+    if shapes[names.conv_out][0] != 2 * latents:
+        raise ValueError(f"{name}: {family.value} VAEs have {latents} latent channels, this file has "
+                         f"{shapes[names.conv_out][0] // 2}: choose another family or give its {CONFIG_FILE}")
+    levels = sorted({int(k.split(".")[2]) for k in shapes if k.startswith(names.down_prefix)})
+    layers = {int(k[len(names.block_prefix(0)):].split(".")[0]) for k in shapes if k.startswith(names.block_prefix(0))}
+    return {"_class_name": "AutoencoderKL", "in_channels": shapes[names.conv_in][1],
+            "out_channels": shapes["decoder.conv_out.weight"][0], "latent_channels": latents,
+            "block_out_channels": [shapes[names.block_prefix(i) + "0.conv1.weight"][0] for i in levels],
+            "down_block_types": ["DownEncoderBlock2D"] * len(levels),
+            "up_block_types": ["UpDecoderBlock2D"] * len(levels), "layers_per_block": len(layers),
+            "act_fn": "silu", "norm_num_groups": 32, "sample_size": size, "scaling_factor": scale,
+            "shift_factor": shift, "use_quant_conv": "quant_conv.weight" in shapes, "use_post_quant_conv": "post_quant_conv.weight" in shapes,
+            "mid_block_add_attention": names.mid_attention in shapes}

@@ -183,6 +183,7 @@ class TrainConfig:
                                         # text encoder's (T5 tokens + CLIP pooled, as the paper); "hf" only
     vae: VAEKind = VAEKind.PIXEL
     vae_path: str = ""                  # the local folder or file for vae = "diffusers"
+    vae_config: str = ""                # a single-file VAE's family (sd, sdxl, sd3, flux) or its config.json
     optim: OptimConfig = field(default_factory=OptimConfig)
     recipe: RecipeConfig = field(default_factory=RecipeConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -198,6 +199,8 @@ class TrainConfig:
               "pooled_text_encoder_path", "needs text_encoder='hf'", self.pooled_text_encoder_path)
         if self.vae == VAEKind.DIFFUSERS:
             _need(bool(self.vae_path), "vae_path", "is required for vae='diffusers'", "")
+        _need(not self.vae_config or self.vae == VAEKind.DIFFUSERS, "vae_config", "needs vae='diffusers'",
+              self.vae_config)
         _need(bool(self.output_dir), "output_dir", "must be a folder path", self.output_dir)
         for key in ("max_steps", "batch_size", "checkpoint_every", "keep_last", "log_every", "sample_steps"):
             _need(getattr(self, key) >= 1, key, "must be >= 1", getattr(self, key))

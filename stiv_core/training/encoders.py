@@ -4,7 +4,8 @@
   a seeded initialisation so every process and every resume builds the same one; it ships in the
   exported bundle), `hf` (T5, CLIP or any Hugging Face encoder from `text_encoder_path`, offline;
   with `pooled_text_encoder_path`, the pooled embedding comes from that CLIP-like encoder instead);
-- vae: `pixel` (pixel space, the built-in model's) or `diffusers` (an AutoencoderKL from `vae_path`).
+- vae: `pixel` (pixel space, the built-in model's) or `diffusers` (an AutoencoderKL from `vae_path`; a
+  single original-format file, e.g. ComfyUI's `sdxl_vae.safetensors`, with `vae_config = "sdxl"`).
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ def build_vae(config: TrainConfig, device: torch.device | str) -> VideoVAE:
     if config.vae == VAEKind.DIFFUSERS:
         from ..encoders.vae import DiffusersVAE
 
-        vae = DiffusersVAE(config.vae_path, device=device)
+        vae = DiffusersVAE(config.vae_path, config=config.vae_config or None, device=device)
     else:
         vae = PixelVAE()
     if m.latent_channels != vae.latent_channels:
