@@ -45,8 +45,6 @@ VAEConfigSource = Union[VAEFamily, str, Path, None]  # a family (or its name), a
 class KeyNames:
     """Where a key style keeps the tensors whose shapes give the architecture."""
 
-    conv_in: str
-    conv_out: str
     down: str          # "{i}" = level, "{j}" = block within it
     mid_attention: str
 
@@ -63,10 +61,10 @@ class KeyNames:
         return self.down.split("{j}")[0].format(i=level)
 
 
-LDM_NAMES = KeyNames("encoder.conv_in.weight", "encoder.conv_out.weight", "encoder.down.{i}.block.{j}.",
-                     "encoder.mid.attn_1.q.weight")
-DIFFUSERS_NAMES = KeyNames("encoder.conv_in.weight", "encoder.conv_out.weight",
-                           "encoder.down_blocks.{i}.resnets.{j}.", "encoder.mid_block.attentions.0.to_q.weight")
+LDM_NAMES = KeyNames("encoder.down.{i}.block.{j}.", "encoder.mid.attn_1.q.weight")
+DIFFUSERS_NAMES = KeyNames("encoder.down_blocks.{i}.resnets.{j}.", "encoder.mid_block.attentions.0.to_q.weight")
+# Named alike in both styles: conv_out gives 2 x latent channels (mean and log-variance).
+CONV_IN, CONV_OUT, DECODER_OUT = "encoder.conv_in.weight", "encoder.conv_out.weight", "decoder.conv_out.weight"
 
 
 class LatentSampling(str, enum.Enum):
@@ -208,16 +206,18 @@ def config_for_family(family: VAEFamily, shapes: Mapping[str, tuple[int, ...]], 
     """A diffusers AutoencoderKL config: the architecture read from the tensor shapes (either key style),
     the latent scale and shift of the family. GroupNorm groups: 32, as in every SD-family VAE."""
     latents, scale, shift, size = FAMILIES[family]
-    if shapes[names.conv_out][0] != 2 * latents:
+    if shapes[CONV_OUT][0] != 2 * latents:
         raise ValueError(f"{name}: {family.value} VAEs have {latents} latent channels, this file has "
-                         f"{shapes[names.conv_out][0] // 2}: choose another family or give its {CONFIG_FILE}")
+                         f"{shapes[CONV_OUT][0] // 2}: choose another family or give its {CONFIG_FILE}")
     levels = sorted({int(k.split(".")[2]) for k in shapes if k.startswith(names.down_prefix)})
-    layers = {int(k[len(names.block_prefix(0)):].split(".")[0]) for k in shapes if k.startswith(names.block_prefix(0))}
-    return {"_class_name": "AutoencoderKL", "in_channels": shapes[names.conv_in][1],
-            "out_channels": shapes["decoder.conv_out.weight"][0], "latent_channels": latents,
+    first = names.block_prefix(0)
+    layers = {k[len(first):].split(".")[0] for k in shapes if k.startswith(first)}
+    return {"_class_name": "AutoencoderKL", "in_channels": shapes[CONV_IN][1], "out_channels": shapes[DECODER_OUT][0],
+            "latent_channels": latents,
             "block_out_channels": [shapes[names.block_prefix(i) + "0.conv1.weight"][0] for i in levels],
             "down_block_types": ["DownEncoderBlock2D"] * len(levels),
             "up_block_types": ["UpDecoderBlock2D"] * len(levels), "layers_per_block": len(layers),
             "act_fn": "silu", "norm_num_groups": 32, "sample_size": size, "scaling_factor": scale,
-            "shift_factor": shift, "use_quant_conv": "quant_conv.weight" in shapes, "use_post_quant_conv": "post_quant_conv.weight" in shapes,
+            "shift_factor": shift, "use_quant_conv": "quant_conv.weight" in shapes,
+            "use_post_quant_conv": "post_quant_conv.weight" in shapes,
             "mid_block_add_attention": names.mid_attention in shapes}
