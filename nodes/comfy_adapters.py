@@ -11,10 +11,14 @@ Duck-typed: nothing here imports comfy. The ComfyUI API used (comfy/sd.py, Comfy
 Text: the tokens are ComfyUI's `cond`; the mask its `attention_mask` when the encoder reports one, else
 every token that is not exactly zero (encoders that pad without reporting a mask zero their padding,
 e.g. T5-base as "stable_audio"; CLIP pads to 77 with real end tokens, which count, as in SD; T5-XXL as
-"pixart" is not padded). Pooled: the encoder's UNPROJECTED pooled output when it has one (CLIP: the end
-token, as the trainer's `hf` encoder pools CLIP); encoders without one (T5) give the masked mean of the
-tokens, as the trainer's `hf` encoder pools T5. The widths must be the model's (`text_dim`,
-`pooled_text_dim`).
+"pixart" is not padded). Pooled: the encoder's pooled output as ComfyUI gives it by default (CLIP's end
+token: through the text projection for CLIP-G, as the trainer's `hf` encoder pools a
+CLIPTextModelWithProjection; ComfyUI's CLIP-L gives it unprojected, as the trainer pools a CLIPTextModel
+folder, so a model trained on a full CLIPModel's projected CLIP-L pooled gets a vector of the same
+width but another kind); encoders without one (T5) give the masked mean of the tokens, as the trainer's
+`hf` encoder pools T5. A second encoder's pooled output can replace it (`pooled_clip`: T5 tokens + a CLIP
+pooled embedding, the paper's pairing, the trainer's `pooled_text_encoder_path`). The widths must be the
+model's (`text_dim`, `pooled_text_dim`).
 
 Latents: ComfyUI keeps a latent space's scale and shift in the diffusion model's `latent_format`, not on
 the VAE, so a VAE cannot say them. STIV latents are `(raw - shift) * scale` with the scale and shift of
@@ -39,9 +43,17 @@ TEXT_WIDTHS = "T5-XXL gives 4096, CLIP-L 768, CLIP-G 1280"
 
 
 # -- text ---------------------------------------------------------------------------------------
-def clip_text_embedding(clip: Any, prompt: str) -> TextEmbedding:
-    """One prompt through a ComfyUI CLIP -> tokens `(1, L, D)`, mask `(1, L)`, pooled `(1, Dp)` (float32, CPU)."""
-    out = clip.encode_from_tokens(clip.tokenize(prompt), return_pooled="unprojected", return_dict=True)
+def clip_text_embedding(clip: Any, prompt: str, *, pooled_clip: Any = None) -> TextEmbedding:
+    """One prompt through a ComfyUI CLIP -> tokens `(1, L, D)`, mask `(1, L)`, pooled `(1, Dp)` (float32, CPU);
+    with `pooled_clip`, the pooled embedding is that encoder's."""
+    text = _encode(clip, prompt)
+    if pooled_clip is None:
+        return text
+    return TextEmbedding(text.tokens, text.mask, _encode(pooled_clip, prompt).pooled)
+
+
+def _encode(clip: Any, prompt: str) -> TextEmbedding:
+    out = clip.encode_from_tokens(clip.tokenize(prompt), return_pooled=True, return_dict=True)
     tokens = out["cond"].float().cpu()
     if tokens.dim() != 3 or tokens.shape[0] != 1:
         raise ValueError(f"the CLIP returned text embeddings of shape {tuple(tokens.shape)}; expected "
@@ -81,9 +93,10 @@ class EncodedPrompts:
                              f"this model was trained on {config.text_dim}-wide ones ({TEXT_WIDTHS}): connect "
                              f"the text encoder it was trained with, or leave clip unconnected to use the model's own")
         if self.pooled_dim != config.pooled_text_dim:
-            raise ValueError(f"the CLIP connected to STIV Text Encode gives a {self.pooled_dim}-wide pooled "
+            raise ValueError(f"the text encoders connected to STIV Text Encode give a {self.pooled_dim}-wide pooled "
                              f"embedding, but this model takes {config.pooled_text_dim}-wide pooled text: connect "
-                             f"the text encoder it was trained with, or leave clip unconnected to use the model's own")
+                             f"the encoders it was trained with (pooled_clip: the one of its pooled text), or leave "
+                             f"clip unconnected to use the model's own")
 
 
 # -- VAE ----------------------------------------------------------------------------------------

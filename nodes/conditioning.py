@@ -33,16 +33,23 @@ class STIVTextEncode:
             "clip": ("CLIP", {"tooltip": "optional: a ComfyUI text encoder used instead of the model's own; its "
                                          "width must be the model's (T5-XXL 4096, CLIP-L 768). Encoders without a "
                                          "pooled output (T5) give the mean of the tokens as the pooled text"}),
+            "pooled_clip": ("CLIP", {"tooltip": "optional, with clip: a second text encoder (e.g. CLIP-L) whose "
+                                                "pooled output is the pooled text, for a model trained on T5 tokens "
+                                                "+ a CLIP pooled embedding"}),
         }}
 
-    def encode(self, prompt: str, negative_prompt: str, clip: Any = None):
+    def encode(self, prompt: str, negative_prompt: str, clip: Any = None, pooled_clip: Any = None):
         prompt, negative = prompt.strip(), negative_prompt.strip() or None
         if not prompt:
             raise STIVInputError("STIV Text Encode: the prompt is empty; describe the video")
+        if pooled_clip is not None and clip is None:
+            raise STIVInputError("STIV Text Encode: pooled_clip gives only the pooled text; connect clip too "
+                                 "(the encoder of the tokens)")
         encoded = None
         if clip is not None:
             try:
-                encoded = EncodedPrompts({p: clip_text_embedding(clip, p) for p in (prompt, negative) if p})
+                encoded = EncodedPrompts({p: clip_text_embedding(clip, p, pooled_clip=pooled_clip)
+                                          for p in (prompt, negative) if p})
             except ValueError as err:
                 raise STIVInputError(f"STIV Text Encode: {err}") from None
         return (STIVConditioning(prompt, negative, encoded=encoded),)

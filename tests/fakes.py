@@ -93,13 +93,14 @@ class ScaledLinearVAE(LinearVAE):
 class ComfyCLIPStandIn:
     """`CLIP.tokenize(text)` and `CLIP.encode_from_tokens(tokens, return_pooled, return_dict)`: each word is
     HashTextEncoder's vector. T5-like by default (no pooled output, no padding); `pooled=True` gives a
-    CLIP-like pooled output (the last word unprojected, twice that when projected); `pad_to` pads with
-    zero "<pad>" tokens, which `attention_mask=True` reports as in ComfyUI's masked encoders."""
+    CLIP-like pooled output: the last word, twice that when the encoder projects it by default
+    (`projected=True`, as ComfyUI's CLIP-G) unless asked for "unprojected"; `pad_to` pads with zero
+    "<pad>" tokens, which `attention_mask=True` reports as in ComfyUI's masked encoders."""
 
     def __init__(self, dim: int = 32, *, seed: int = 0, pooled: bool = False, pooled_dim: int | None = None,
-                 pad_to: int = 0, attention_mask: bool = False):
+                 projected: bool = False, pad_to: int = 0, attention_mask: bool = False):
         self.words = HashTextEncoder(dim, seed)
-        self.pooled, self.pooled_dim = pooled, pooled_dim or dim
+        self.pooled, self.pooled_dim, self.projected = pooled, pooled_dim or dim, projected
         self.pad_to, self.attention_mask = pad_to, attention_mask
         self.calls: list = []
 
@@ -115,7 +116,7 @@ class ComfyCLIPStandIn:
         pooled = None
         if self.pooled:
             pooled = cond[:, int(real.nonzero().max()), : self.pooled_dim]
-            pooled = pooled if return_pooled == "unprojected" else pooled * 2
+            pooled = pooled * 2 if self.projected and return_pooled != "unprojected" else pooled
         if not return_dict:
             return (cond, pooled) if return_pooled else cond
         out = {"cond": cond, "pooled_output": pooled}

@@ -55,11 +55,12 @@ def decode(model, latent, vae=None):
 
 def test_the_optional_inputs_are_declared_with_comfyui_types():
     spec = lambda name: nodes.NODE_CLASS_MAPPINGS[name].INPUT_TYPES()
-    assert spec("STIVTextEncode")["optional"]["clip"][0] == "CLIP"
+    text_inputs = spec("STIVTextEncode")["optional"]
+    assert text_inputs["clip"][0] == text_inputs["pooled_clip"][0] == "CLIP"
     assert spec("STIVImageCondition")["optional"]["vae"][0] == "VAE"
     assert spec("STIVDecode")["optional"]["vae"][0] == "VAE"
     for name in ("STIVTextEncode", "STIVImageCondition", "STIVDecode"):
-        assert not {"clip", "vae"} & set(spec(name)["required"])
+        assert not {"clip", "pooled_clip", "vae"} & set(spec(name)["required"])
 
 
 # -- text ---------------------------------------------------------------------------------------
@@ -69,7 +70,7 @@ def test_a_t5_like_clip_gives_the_masked_token_mean_as_pooled_text():
     got = adapters.clip_text_embedding(t5, PROMPT)
     torch.testing.assert_close(got.tokens, own.tokens)
     torch.testing.assert_close(got.pooled, own.pooled)
-    assert got.mask.all() and t5.calls == ["unprojected"]
+    assert got.mask.all() and t5.calls == [True]
     # padding the encoder reports in attention_mask is masked out of the tokens and the pooled mean
     padded = adapters.clip_text_embedding(ComfyCLIPStandIn(32, pad_to=9, attention_mask=True), PROMPT)
     assert padded.mask.tolist() == [[True] * 5 + [False] * 4]
@@ -83,11 +84,25 @@ def test_a_t5_like_clip_gives_the_masked_token_mean_as_pooled_text():
     assert ends.mask.all() and ends.tokens.shape[1] == 9 and not torch.allclose(ends.pooled, own.pooled)
 
 
-def test_a_clip_with_a_pooled_output_gives_its_unprojected_pooled_text():
-    clip = ComfyCLIPStandIn(32, pooled=True)
-    got = adapters.clip_text_embedding(clip, PROMPT)
-    torch.testing.assert_close(got.pooled, got.tokens[:, -1])   # the stand-in's unprojected pooled: the last word
-    assert clip.calls == ["unprojected"]
+def test_a_clip_with_a_pooled_output_gives_the_pooled_text_comfyui_gives_by_default():
+    for projected in (False, True):   # ComfyUI's CLIP-L gives its end token unprojected, CLIP-G projected
+        clip = ComfyCLIPStandIn(32, pooled=True, projected=projected)
+        got = adapters.clip_text_embedding(clip, PROMPT)
+        torch.testing.assert_close(got.pooled, got.tokens[:, -1] * (2 if projected else 1))   # the last word
+        assert clip.calls == [True]
+
+
+def test_pooled_clip_gives_the_pooled_text_of_t5_tokens(model):
+    t5, clip = ComfyCLIPStandIn(32), ComfyCLIPStandIn(32, seed=5, pooled=True, projected=True)
+    paired = adapters.clip_text_embedding(t5, PROMPT, pooled_clip=clip)
+    torch.testing.assert_close(paired.tokens, adapters.clip_text_embedding(t5, PROMPT).tokens)
+    torch.testing.assert_close(paired.pooled, adapters.clip_text_embedding(clip, PROMPT).pooled)
+    cond = node("STIVTextEncode")(PROMPT, NEGATIVE, clip=t5, pooled_clip=clip)[0]
+    torch.testing.assert_close(cond.encoded.texts[NEGATIVE].pooled, adapters.clip_text_embedding(clip, NEGATIVE).pooled)
+    tokens_only = encode(negative=NEGATIVE, clip=t5)
+    assert not torch.allclose(sample(model, cond)["samples"], sample(model, tokens_only)["samples"])
+    with pytest.raises(Err, match="STIV Text Encode: pooled_clip gives only the pooled text; connect clip too"):
+        node("STIVTextEncode")(PROMPT, "", pooled_clip=clip)
 
 
 def test_text_encode_with_a_clip_is_used_when_connected_and_ignored_when_not(model):
@@ -110,8 +125,8 @@ def test_text_width_mismatch_names_both_widths(model):
                                   "embeddings, but this model was trained on 32-wide ones"):
         sample(model, clip_l)
     narrow_pooled = encode(clip=ComfyCLIPStandIn(32, pooled=True, pooled_dim=16))
-    with pytest.raises(Err, match="STIV Keyframe -> Interpolate: .*16-wide pooled embedding, but this model "
-                                  "takes 32-wide pooled text"):
+    with pytest.raises(Err, match="STIV Keyframe -> Interpolate: the text encoders connected to STIV Text Encode "
+                                  "give a 16-wide pooled embedding, but this model takes 32-wide pooled text"):
         node("STIVKeyframeInterpolate")(model, narrow_pooled, keyframes=2, keyframe_stride=3, **SETTINGS)
 
 
