@@ -88,6 +88,11 @@ def load_config(path: str | os.PathLike) -> STIVConfig:
         raise CheckpointError(f"{Path(path).name}: its stored STIV config is invalid: {err}") from err
 
 
+def recorded_config(path: str | os.PathLike) -> Optional[STIVConfig]:
+    """The STIV config stored in the file's metadata; None when it records none (a plain state dict)."""
+    return load_config(path) if CONFIG_KEY in read_metadata(path) else None
+
+
 def load_model(path: str | os.PathLike, *, config: Optional[STIVConfig] = None, device: str | torch.device = "cpu",
                dtype: Optional[torch.dtype] = None,
                attention_backend: AttentionBackend = AttentionBackend.SDPA) -> STIVTransformer:

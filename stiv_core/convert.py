@@ -5,7 +5,8 @@
 
 reads a PixArt-alpha / PixArt-Sigma checkpoint (original or diffusers key names, safetensors only) and
 writes a STIV checkpoint (config in its metadata) that the trainer's T2I -> T2V stage starts from
-(`[init] kind = "full"`, or `"t2i"` after converting with `--temporal-patch 1`). On a static clip the
+(`[init] kind = "full"`, or `"t2i"` after converting with `--temporal-patch 1`); the trainer takes the
+recorded shape (heads, text tokens and widths, MaskDiT blocks, ...) from it. On a static clip the
 converted model computes PixArt's spatial path with STIV's extra pieces at their converted values;
 what cannot carry over is printed and stored in the file's metadata (`stiv_conversion`).
 """
@@ -20,7 +21,7 @@ from typing import Optional, Sequence
 import torch
 from safetensors.torch import load_file
 
-from .checkpoint import check_keys, check_safetensors, save_state_dict
+from .checkpoint import CONFIG_KEY, FORMAT, check_keys, check_safetensors, save_state_dict
 from .config import STIVConfig, preset
 from .model.transformer import STIVTransformer
 from .pixart import (ConversionError, KeyStyle, PixArtShape, carried_tensors, key_style, pixart_shape,
@@ -163,7 +164,8 @@ def convert_pixart_file(src: str | os.PathLike, out: str | os.PathLike, config: 
     path = check_safetensors(src)
     model, report = convert_pixart(load_file(str(path)), config, source=path.name, source_heads=source_heads)
     state = {k: v.detach().to(dtype).contiguous() for k, v in model.state_dict().items()}
-    save_state_dict(out, state, {"format": "stiv", "stiv_config": config.to_json(), CONVERSION_KEY: report.to_json()})
+    # The recorded config is what the trainer's [init] and load_model build the model from.
+    save_state_dict(out, state, {"format": FORMAT, CONFIG_KEY: config.to_json(), CONVERSION_KEY: report.to_json()})
     return report
 
 
@@ -178,6 +180,12 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     pixart.add_argument("--temporal-patch", type=int, default=None, help="default: the preset's (1 for [init] t2i)")
     pixart.add_argument("--max-text-tokens", type=int, default=None,
                         help="default: the source's null-text rows (120 alpha, 300 Sigma), else the preset's")
+    pixart.add_argument("--pooled-text-dim", type=int, default=None,
+                        help="width of the pooled text embedding (a new branch): e.g. 768 for a CLIP-L's, "
+                             "1280 for a CLIP-G's; default: the preset's")
+    pixart.add_argument("--maskdit-extra-blocks", type=int, default=None,
+                        help="MaskDiT's blocks after unmasking (new, random; 2 for a MaskDiT stage); "
+                             "default: the preset's")
     pixart.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     args = parser.parse_args(argv)
     try:
@@ -186,14 +194,18 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     except (ConversionError, ValueError, FileNotFoundError) as err:
         parser.exit(2, f"error: {err}\n")
     print(report.text())
-    print(f"wrote {args.out}; train from it with [model] preset = {args.preset!r}, num_heads = {config.num_heads}, "
-          f"max_text_tokens = {config.max_text_tokens}, temporal_patch = {config.temporal_patch}")
+    kind = "'t2i' (inflated along time) or 'full'" if config.temporal_patch == 1 else "'full'"
+    print(f"wrote {args.out} with its STIV config ({config.num_heads} heads, {config.max_text_tokens} text tokens "
+          f"of width {config.text_dim}, pooled width {config.pooled_text_dim}, temporal patch "
+          f"{config.temporal_patch}, {config.maskdit_extra_blocks} MaskDiT blocks). Train from it with "
+          f"[init] kind = {kind}, path = {str(args.out)!r}: the trainer takes these fields from the file")
 
 
 def _config_for(args: argparse.Namespace) -> STIVConfig:
     changes = {"num_heads": args.heads}
-    if args.temporal_patch is not None:
-        changes["temporal_patch"] = args.temporal_patch
+    options = {"temporal_patch": args.temporal_patch, "pooled_text_dim": args.pooled_text_dim,
+               "maskdit_extra_blocks": args.maskdit_extra_blocks}
+    changes.update({k: v for k, v in options.items() if v is not None})
     tokens = args.max_text_tokens or _null_text_rows(args.src)
     if tokens:
         changes["max_text_tokens"] = tokens

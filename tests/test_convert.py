@@ -30,7 +30,9 @@ from stiv_core.config import preset
 from stiv_core.convert import CONVERSION_KEY, convert_pixart, main
 from stiv_core.model.rope import apply_rope, grid_positions, rope_tables
 from stiv_core.pixart import ConversionError
-from stiv_core.training.config import InitConfig, InitKind
+from stiv_core.model.transformer import STIVTransformer
+from stiv_core.training.config import ConfigError, InitConfig, InitKind
+from stiv_core.training.config import load_config as load_train_config
 from stiv_core.training.init import initialize
 
 HEADS = 4
@@ -102,8 +104,8 @@ def _rms(x):
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
 
 
-def _heads(x):
-    return x.unflatten(-1, (HEADS, -1)).transpose(1, 2)  # (B, N, D) -> (B, H, N, hd)
+def _heads(x, heads):
+    return x.unflatten(-1, (heads, -1)).transpose(1, 2)  # (B, N, D) -> (B, H, N, hd)
 
 
 def _attend(q, k, v, mask=None):
@@ -113,7 +115,7 @@ def _attend(q, k, v, mask=None):
     return (scores.softmax(-1) @ v).transpose(1, 2).flatten(2)
 
 
-def pixart_reference(sd, image, s, text, mask):
+def pixart_reference(sd, image, s, text, mask, heads=HEADS):
     """image `(B, C, H, W)`, PixArt timestep s `(B,)`, text `(B, L, text)` -> epsilon `(B, C, H, W)`."""
     p = sd["x_embedder.proj.weight"].shape[-1]
     x = F.conv2d(image, sd["x_embedder.proj.weight"], sd["x_embedder.proj.bias"], stride=p)
@@ -124,17 +126,17 @@ def pixart_reference(sd, image, s, text, mask):
     t_emb = _ln(_lin(sd, "t_embedder.mlp.2", F.silu(_lin(sd, "t_embedder.mlp.0", sinus))))  # STIV: + LN
     t0 = _lin(sd, "t_block.1", F.silu(t_emb)).view(b, 6, d)
     y = _lin(sd, "y_embedder.y_proj.fc2", F.gelu(_lin(sd, "y_embedder.y_proj.fc1", text), approximate="tanh"))
-    hd = d // HEADS
+    hd = d // heads
     rope = rope_tables(grid_positions(h, w, scale=(1.0, 1.0)), (hd // 2, hd // 2), 10000.0)
     for i in range(1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))):
         pre = f"blocks.{i}."
         sh_a, sc_a, g_a, sh_f, sc_f, g_f = (sd[pre + "scale_shift_table"][None] + t0)[:, :, None].unbind(1)
         q, k, v = _lin(sd, pre + "attn.qkv", _ln(x) * (1 + sc_a) + sh_a).chunk(3, -1)
-        q, k = (apply_rope(_rms(_heads(z)), rope) for z in (q, k))      # STIV: QK-norm, RoPE
-        x = x + g_a * _ln(_lin(sd, pre + "attn.proj", _attend(q, k, _heads(v))))  # STIV: sandwich LN
-        q = _rms(_heads(_lin(sd, pre + "cross_attn.q_linear", _ln(x))))  # STIV: LN before, QK-norm
+        q, k = (apply_rope(_rms(_heads(z, heads)), rope) for z in (q, k))      # STIV: QK-norm, RoPE
+        x = x + g_a * _ln(_lin(sd, pre + "attn.proj", _attend(q, k, _heads(v, heads))))  # STIV: sandwich LN
+        q = _rms(_heads(_lin(sd, pre + "cross_attn.q_linear", _ln(x)), heads))  # STIV: LN before, QK-norm
         k, v = _lin(sd, pre + "cross_attn.kv_linear", y).chunk(2, -1)
-        x = x + _lin(sd, pre + "cross_attn.proj", _attend(q, _rms(_heads(k)), _heads(v), mask))
+        x = x + _lin(sd, pre + "cross_attn.proj", _attend(q, _rms(_heads(k, heads)), _heads(v, heads), mask))
         hidden = F.gelu(_lin(sd, pre + "mlp.fc1", _ln(x) * (1 + sc_f) + sh_f), approximate="tanh")
         x = x + g_f * _ln(_lin(sd, pre + "mlp.fc2", hidden))          # STIV: sandwich LN
     shift, scale = (sd["final_layer.scale_shift_table"][None] + t_emb[:, None]).unbind(1)
@@ -221,3 +223,50 @@ class TestCommandLine:
         with pytest.raises(SystemExit):
             main(["pixart", str(src), "--preset", "tiny", "--out", str(tmp_path / "x.safetensors")])
         assert "not a PixArt" in capsys.readouterr().err
+
+
+class TestTrainerFromConvertedFile:
+    """The trainer takes the converted file's recorded shape: PixArt's head count (not the preset's) and
+    its null-text rows, so the model builds, loads and computes PixArt's output."""
+
+    SOURCE_HEADS, TOKENS = 8, 12  # the tiny preset has 4 heads and 16 text tokens
+
+    @pytest.mark.parametrize("kind,temporal_patch,frames", [("full", 1, 1), ("full", 2, 2), ("t2i", 1, 2)])
+    def test_static_clip_matches_pixart(self, tmp_path, capsys, kind, temporal_patch, frames):
+        sd = pixart_state(seed=4, tokens=self.TOKENS)
+        src, out = tmp_path / "pixart.safetensors", tmp_path / "stiv_init.safetensors"
+        save_file(sd, str(src))
+        main(["pixart", str(src), "--preset", "tiny", "--heads", str(self.SOURCE_HEADS),
+              "--temporal-patch", str(temporal_patch), "--out", str(out)])
+        printed = capsys.readouterr().out
+        assert f"{self.SOURCE_HEADS} heads, {self.TOKENS} text tokens" in printed and f"'{kind}'" in printed
+        config = load_train_config(None, [f"output_dir={tmp_path / 'run'}", "model.preset=tiny",
+                                          f"init.kind={kind}", f"init.path={out}"])
+        assert (config.model.num_heads, config.model.max_text_tokens) == (self.SOURCE_HEADS, self.TOKENS)
+        assert config.model.temporal_patch == (2 if kind == "t2i" else temporal_patch)
+        torch.manual_seed(0)
+        model = STIVTransformer(config.model)
+        initialize(model, config.init)
+        image, text, mask, t = _inputs()
+        with torch.no_grad():
+            video = model.eval()(image[:, :, None].repeat(1, 1, frames, 1, 1), t, text, mask,
+                                 torch.randn(2, 128), torch.rand(2, 6) * 100)
+            expected = pixart_reference(sd, image, 1000 * (1 - t), text, mask, heads=self.SOURCE_HEADS)
+        for f in range(frames):
+            torch.testing.assert_close(video[:, :, f], expected, atol=2e-4, rtol=1e-3)
+
+    def test_new_branches_are_recorded_and_fit_a_maskdit_stage(self, tmp_path, capsys):
+        src, out = tmp_path / "pixart.safetensors", tmp_path / "stiv_init.safetensors"
+        save_file(pixart_state(), str(src))
+        main(["pixart", str(src), "--preset", "tiny", "--heads", str(HEADS), "--pooled-text-dim", "24",
+              "--maskdit-extra-blocks", "2", "--out", str(out)])
+        assert "MaskDiT: the 2 extra blocks are new" in capsys.readouterr().out
+        config = load_train_config(None, [f"output_dir={tmp_path / 'run'}", "init.kind=full", f"init.path={out}",
+                                          "recipe.maskdit_ratio=0.5", "model.rope_position_scale=[1, 0.5, 0.5]"])
+        assert (config.model.pooled_text_dim, config.model.maskdit_extra_blocks) == (24, 2)
+        model = STIVTransformer(config.model)
+        initialize(model, config.init)
+        assert model.pooled_proj[0].in_features == 24 and len(model.extra_blocks) == 2
+        with pytest.raises(ConfigError, match="model.maskdit_extra_blocks = 0 vs 2"):
+            load_train_config(None, [f"output_dir={tmp_path}", "init.kind=full", f"init.path={out}",
+                                     "model.maskdit_extra_blocks=0"])

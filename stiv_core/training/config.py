@@ -2,7 +2,9 @@
 
 A file has top-level run keys (`output_dir`, `max_steps`, `batch_size`, `seed`, `checkpoint_every`,
 `resume`, ...) and the sections `[model]` (a preset name plus any `STIVConfig` field), `[optim]`,
-`[recipe]`, `[data]` and `[init]`. Command-line overrides are `key=value` or `section.key=value`,
+`[recipe]`, `[data]` and `[init]`. When `[init]` names a checkpoint that records its STIV config (every
+STIV checkpoint and converted file does), `[model]` takes the fields that file fixes from it (see
+`model_config`). Command-line overrides are `key=value` or `section.key=value`,
 with the value written as in TOML (`lr=1e-4`, `resume=true`, `data.kind="video_folder"`; a bare word
 is read as a string). Every key is checked against the fields, so a typo fails before any training
 with the valid names listed.
@@ -20,6 +22,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
+from ..checkpoint import CheckpointError, recorded_config
 from ..config import STIVConfig, preset
 
 
@@ -213,7 +216,8 @@ class TrainConfig:
     def _check_model_fit(self) -> None:
         pt, masked = self.model.temporal_patch, self.recipe.maskdit_ratio > 0
         _need(not masked or self.model.maskdit_extra_blocks > 0, "recipe.maskdit_ratio",
-              "needs model.maskdit_extra_blocks > 0 (the blocks run after unmasking)", self.recipe.maskdit_ratio)
+              "needs model.maskdit_extra_blocks > 0 (the blocks run after unmasking; an [init] checkpoint "
+              "fixes their number)", self.recipe.maskdit_ratio)
         for frames, _, _ in self.data.buckets:
             _need(frames % pt == 0, "data.buckets", f"frame counts must be multiples of the model's "
                   f"temporal_patch {pt}", self.data.buckets)
@@ -254,13 +258,62 @@ def build_config(raw: Mapping[str, Any]) -> TrainConfig:
     kwargs: dict[str, Any] = {}
     for name, cls in SECTIONS.items():
         kwargs[name] = _build(cls, raw.pop(name, {}) or {}, prefix=f"{name}.")
-    try:
-        kwargs["model"] = preset(model_raw.pop("preset", "tiny"), **model_raw)
-    except (ValueError, TypeError) as err:
-        raise ConfigError(f"[model]: {err}") from err
+    kwargs["model"] = model_config(model_raw, kwargs["init"])
     if "output_dir" not in raw:
         raise ConfigError("output_dir is required (the folder for checkpoints and logs)")
     return _build(TrainConfig, {**raw, **kwargs}, prefix="", skip=("model", *SECTIONS))
+
+
+# What an [init] checkpoint's recorded config fixes in [model]. Weight shapes, and what gives the
+# weights their meaning (the head grouping, the predicted quantity): a different explicit value is an
+# error. temporal_patch is free for "t2i" and "split", whose spatial source is inflated along time.
+FIXED_BY_INIT = ("depth", "hidden_size", "num_heads", "latent_channels", "patch_size", "temporal_patch",
+                 "mlp_ratio", "text_dim", "pooled_text_dim", "max_text_tokens", "maskdit_extra_blocks",
+                 "prediction")
+# Not weights: taken from the checkpoint unless [model] sets them (a new stage's RoPE interpolation).
+INHERITED_FROM_INIT = ("rope_theta", "rope_position_scale", "norm_eps")
+SIZE_FIELDS = ("depth", "hidden_size")  # what a preset name stands for
+
+
+def model_config(model_raw: Mapping[str, Any], init: InitConfig) -> STIVConfig:
+    """[model] resolved against the [init] checkpoint's recorded config, if any: the fields it fixes and
+    inherits come from the file unless [model] sets them; a conflicting value is a ConfigError naming
+    the field. Without an init config, [model] is the preset (default "tiny") with its fields changed."""
+    explicit = dict(model_raw)
+    preset_name = explicit.pop("preset", None)
+    recorded = _recorded_init_config(init)
+    fixed = [k for k in FIXED_BY_INIT if not (k == "temporal_patch" and init.kind != InitKind.FULL)]
+    taken = {} if recorded is None else {k: getattr(recorded, k) for k in (*fixed, *INHERITED_FROM_INIT)
+                                         if k not in explicit}
+    try:
+        base = preset(preset_name or "tiny")
+        name = explicit.pop("name", None) or preset_name or getattr(recorded, "name", base.name)
+        config = base.replace(**taken, **explicit, name=name)
+    except (ValueError, TypeError) as err:
+        raise ConfigError(f"[model]: {err}") from err
+    if recorded is None:
+        return config
+    conflicts = [f"model.{k} = {getattr(config, k)!r} vs {getattr(recorded, k)!r}" for k in fixed
+                 if k in explicit and getattr(config, k) != getattr(recorded, k)]
+    if preset_name:
+        conflicts += [f"model.preset {preset_name!r} has {k} {getattr(base, k)} vs {getattr(recorded, k)}"
+                      for k in SIZE_FIELDS if k not in explicit and getattr(base, k) != getattr(recorded, k)]
+    if conflicts:
+        raise ConfigError(f"[model] does not fit init.path {init.path!r}, whose recorded config fixes these "
+                          f"fields (leave them out of [model] to take the file's): " + "; ".join(conflicts))
+    return config
+
+
+def _recorded_init_config(init: InitConfig) -> STIVConfig | None:
+    if init.kind == InitKind.NONE:
+        return None
+    if not Path(init.path).is_file():
+        raise ConfigError(f"init.path {init.path!r} does not exist (init.kind = {init.kind.value!r}; "
+                          f"\"none\" starts from random weights)")
+    try:
+        return recorded_config(init.path)
+    except CheckpointError as err:
+        raise ConfigError(f"init.path: {err}") from err
 
 
 def valid_keys() -> list[str]:
