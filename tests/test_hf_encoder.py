@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from stiv_core.encoders.hf import HFTextEncoder, Pooling, packaged_minilm_folder
+from stiv_core.interfaces import TextEncoder
 from stiv_core.pipeline import GenerationRequest, STIVPipeline, generate
 from stiv_core.sampling import GuidanceConfig, SamplerConfig
 from tests.fakes import LinearVAE, randomize
@@ -142,7 +143,7 @@ def test_combined_encoder_gives_t5_tokens_and_the_clip_pooled(tiny_folders):
 
     t5, clip = HFTextEncoder(tiny_folders["t5"]), HFTextEncoder(tiny_folders["projection"])
     both = CombinedTextEncoder(t5, clip)
-    assert (both.dim, both.pooled_dim) == (32, 24)
+    assert isinstance(both, TextEncoder) and (both.dim, both.pooled_dim) == (32, 24)
     e, tokens, pooled = both.encode(PROMPTS), t5.encode(PROMPTS), clip.encode(PROMPTS)
     assert torch.equal(e.tokens, tokens.tokens) and torch.equal(e.mask, tokens.mask)
     assert torch.equal(e.pooled, pooled.pooled)
