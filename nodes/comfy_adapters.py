@@ -25,6 +25,10 @@ the VAE, so a VAE cannot say them. STIV latents are `(raw - shift) * scale` with
 the model's OWN VAE (the one in its bundle: a diffusers VAE's `scaling_factor` / `shift_factor`; the
 built-in pixel space has none: 1 and 0), i.e. the latent space the model was trained in; the ComfyUI
 VAE must also match it in latent channels and pixels per latent (checked).
+
+A bare model (trained with a Hugging Face text encoder / a diffusers VAE, exported without them) has
+`MissingTextEncoder` and `RecordedVAE` in place of its own: they carry what its metadata records (widths,
+latent channels, scale and shift) and say which ComfyUI encoder to connect when one is needed.
 """
 from __future__ import annotations
 
@@ -33,7 +37,9 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
+from ..stiv_core.bundle import TrainedWith
 from ..stiv_core.config import STIVConfig
+from ..stiv_core.encoders.pixel import PixelVAE
 from ..stiv_core.interfaces import TextEmbedding, VideoVAE
 from ..stiv_core.pipeline import STIVPipeline
 
@@ -99,6 +105,28 @@ class EncodedPrompts:
                              f"clip unconnected to use the model's own")
 
 
+class MissingTextEncoder:
+    """The text encoder of a bare model: none; its widths are the model's, `encode` says what to connect."""
+
+    def __init__(self, trained: TrainedWith):
+        self.trained, self.dim, self.pooled_dim = trained, trained.text_dim, trained.pooled_text_dim
+
+    @property
+    def message(self) -> str:
+        t = self.trained
+        name = f" {t.text_encoder_name!r}" if t.text_encoder_name else ""
+        pooled = (f"; its {t.pooled_text_dim}-wide pooled text came from a CLIP: connect that one to pooled_clip"
+                  if t.pooled_from_clip else "")
+        return (f"this model has no bundled text encoder: connect a CLIP to STIV Text Encode (it was trained with "
+                f"{t.text_encoder}{name}, {t.text_dim}-wide; {TEXT_WIDTHS}){pooled}")
+
+    def encode(self, prompts: Sequence[str]) -> TextEmbedding:
+        raise ValueError(self.message)
+
+    def to(self, *args, **kwargs) -> MissingTextEncoder:
+        return self
+
+
 # -- VAE ----------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class LatentScaling:
@@ -117,6 +145,36 @@ class LatentScaling:
 
     def to_raw(self, latents: torch.Tensor) -> torch.Tensor:
         return latents / self.scale + self.shift
+
+
+class RecordedVAE:
+    """The VAE of a bare model: none, only its recorded latent space (channels, pixels per latent, scale
+    and shift, which `LatentScaling.of` reads); `encode` / `decode` say what to connect."""
+
+    def __init__(self, trained: TrainedWith):
+        self.trained = trained
+        self.latent_channels, self.spatial_factor = trained.latent_channels, trained.spatial_factor
+        self.scaling_factor, self.shift_factor = trained.scaling_factor, trained.shift_factor
+
+    @property
+    def message(self) -> str:
+        t = self.trained
+        kind = f"a {t.vae_family.upper()} VAE" if t.vae_family else f"a {t.vae_kind} VAE"
+        return (f"this model has no bundled VAE: connect a ComfyUI VAE to vae (it was trained with {kind}, "
+                f"{t.latent_channels} latent channels, {t.spatial_factor} pixels per latent)")
+
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        raise ValueError(self.message)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        raise ValueError(self.message)
+
+
+def bare_pipeline(model: Any, trained: TrainedWith) -> STIVPipeline:
+    """A bare model's pipeline: the text comes from ComfyUI's CLIP, pixels from ComfyUI's VAE (pixel space
+    needs none: its VAE has no weights)."""
+    vae = PixelVAE() if trained.vae_kind == "pixel" else RecordedVAE(trained)
+    return STIVPipeline(model, MissingTextEncoder(trained), vae)
 
 
 class ComfyVideoVAE:

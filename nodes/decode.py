@@ -5,7 +5,7 @@ from typing import Any
 
 import torch
 
-from .comfy_adapters import with_comfy_vae
+from .comfy_adapters import RecordedVAE, with_comfy_vae
 from .types import STIVInputError, STIVModel, video_to_image
 
 
@@ -30,6 +30,8 @@ class STIVDecode:
         }}
 
     def decode(self, model: STIVModel, latent: dict, chunk_frames: int, vae: Any = None):
+        if vae is None and isinstance(model.pipeline.vae, RecordedVAE):
+            raise STIVInputError(f"STIV Decode: {model.pipeline.vae.message}")
         try:
             pipeline = with_comfy_vae(model.pipeline, vae, chunk_frames=chunk_frames)
         except ValueError as err:

@@ -1,13 +1,16 @@
-"""STIV Loader: a bundle (model + its text encoder and VAE) with the low-VRAM options -> STIV_MODEL."""
+"""STIV Loader: a bundle (model + its text encoder and VAE), or a bare model that records the encoders it was
+trained with (ComfyUI's CLIP and VAE are then connected), with the low-VRAM options -> STIV_MODEL."""
 from __future__ import annotations
 
 import torch
 
-from ..stiv_core.bundle import BUILTIN_MODELS, load_defaults, load_pipeline, resolve_model_path
-from ..stiv_core.checkpoint import CheckpointError
+from ..stiv_core.bundle import BUILTIN_MODELS, load_defaults, load_pipeline, read_trained_with, resolve_model_path
+from ..stiv_core.checkpoint import CheckpointError, load_model
 from ..stiv_core.memory import MemoryOptions, QuantMode, WontFitError, apply_memory_options
 from ..stiv_core.model.attention import AttentionBackend
+from ..stiv_core.pipeline import STIVPipeline
 from . import _comfy
+from .comfy_adapters import bare_pipeline
 from .types import STIVInputError, STIVModel
 
 BUILTIN_SUFFIX = " (built-in)"
@@ -37,12 +40,21 @@ def resolve_dtype(choice: str, device: torch.device) -> torch.dtype:
     return dtype
 
 
+def open_pipeline(path, dtype: torch.dtype) -> STIVPipeline:
+    """A bundle's pipeline, or a bare model's with stand-ins for the encoders its metadata records."""
+    trained = read_trained_with(path)
+    if trained is None:
+        return load_pipeline(path, dtype=dtype)
+    return bare_pipeline(load_model(path, dtype=dtype), trained)
+
+
 class STIVLoader:
     CATEGORY = "STIV/loaders"
     RETURN_TYPES = ("STIV_MODEL",)
     RETURN_NAMES = ("model",)
     FUNCTION = "load"
-    DESCRIPTION = "Loads a STIV bundle (transformer + its text encoder and VAE) with low-VRAM options."
+    DESCRIPTION = ("Loads a STIV bundle (transformer + its text encoder and VAE) with low-VRAM options, or a bare "
+                   "model trained with a T5 / SDXL VAE: connect those from ComfyUI to Text Encode and Decode.")
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -63,7 +75,7 @@ class STIVLoader:
         device = _comfy.torch_device()
         try:
             path = resolve_model_path(ref)
-            pipeline = load_pipeline(path, dtype=resolve_dtype(weight_dtype, device))
+            pipeline = open_pipeline(path, resolve_dtype(weight_dtype, device))
             blocks = len(pipeline.model.blocks) + len(pipeline.model.extra_blocks)
             if block_swap > blocks:
                 raise ValueError(f"block_swap {block_swap}: this model has {blocks} blocks (0..{blocks})")

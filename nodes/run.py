@@ -13,6 +13,7 @@ from ..stiv_core.pipeline import FrameCondition, GenerationRequest, STIVPipeline
 from ..stiv_core.sampling import GenerationCancelled, GuidanceConfig, GuidanceMode, SamplerConfig, StepInfo, Stepper
 from ..stiv_core.sampling.sampler import StepCallback
 from . import _comfy
+from .comfy_adapters import RecordedVAE
 from .types import STIVConditioning, STIVInputError, STIVModel
 
 MAX_SEED = 2 ** 63 - 1   # long videos add the window index to the seed
@@ -94,7 +95,9 @@ def run_sampling(model: STIVModel, conditioning: STIVConditioning, total_steps: 
         if _comfy.interrupt_requested():
             return False
         done += 1
-        bar.update_absolute(done, total_steps, _comfy.preview_payload(preview_image(pipeline, info.denoised)))
+        # a bare model sampled without a ComfyUI VAE has no decoder: no preview
+        preview = None if isinstance(pipeline.vae, RecordedVAE) else preview_image(pipeline, info.denoised)
+        bar.update_absolute(done, total_steps, None if preview is None else _comfy.preview_payload(preview))
         return True
 
     try:

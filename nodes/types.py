@@ -16,7 +16,7 @@ from ..stiv_core.bundle import SamplingDefaults
 from ..stiv_core.memory import MemoryHandle
 from ..stiv_core.pipeline import FrameCondition, STIVPipeline
 from ..stiv_core.video_io import fit_image
-from .comfy_adapters import EncodedPrompts, with_comfy_vae
+from .comfy_adapters import EncodedPrompts, MissingTextEncoder, RecordedVAE, with_comfy_vae
 
 log = logging.getLogger("stiv.nodes")
 
@@ -27,7 +27,8 @@ class STIVInputError(ValueError):
 
 @dataclass(frozen=True)
 class STIVModel:
-    """STIV_MODEL: the pipeline (transformer + its text encoder and VAE) with memory options applied."""
+    """STIV_MODEL: the pipeline (transformer + its text encoder and VAE) with memory options applied; a bare
+    model's pipeline has a `MissingTextEncoder` and a `RecordedVAE` (ComfyUI's CLIP and VAE are connected)."""
 
     pipeline: STIVPipeline
     defaults: SamplingDefaults
@@ -113,6 +114,10 @@ class STIVConditioning:
     def pipeline_for(self, model: STIVModel) -> STIVPipeline:
         """The model's pipeline with what this conditioning brings from ComfyUI (errors: ValueError)."""
         pipeline = model.pipeline
+        if self.encoded is None and isinstance(pipeline.text_encoder, MissingTextEncoder):
+            raise ValueError(pipeline.text_encoder.message)
+        if self.images is not None and self.vae is None and isinstance(pipeline.vae, RecordedVAE):
+            raise ValueError(f"{pipeline.vae.message} on STIV Image Condition, to encode the condition images")
         if self.encoded is not None:
             self.encoded.check_widths(pipeline.model.config)
             pipeline = replace(pipeline, text_encoder=self.encoded)

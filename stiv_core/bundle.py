@@ -16,7 +16,7 @@ from typing import Mapping, Optional
 import torch
 from safetensors import safe_open
 
-from .checkpoint import CheckpointError, check_safetensors, load_model, read_metadata, save_state_dict
+from .checkpoint import CheckpointError, check_safetensors, load_model, read_metadata, save_model, save_state_dict
 from .checkpoint import CONFIG_KEY, FORMAT, TEXT_ENCODER_PREFIX
 from .encoders.pixel import PixelVAE
 from .encoders.words import VOCAB_KEY, WordTextEncoder
@@ -24,7 +24,7 @@ from .model.transformer import STIVTransformer
 from .pipeline import STIVPipeline
 
 BUILTIN_MODELS = {"tiny": Path(__file__).resolve().parent / "weights" / "stiv_tiny.safetensors"}
-VAE_KEY, DEFAULTS_KEY = "vae", "sampling_defaults"
+VAE_KEY, DEFAULTS_KEY, ENCODERS_KEY = "vae", "sampling_defaults", "trained_with"
 SUPPORTED_VAES = ("pixel",)
 
 
@@ -38,6 +38,49 @@ class SamplingDefaults:
     fps: float = 8.0
     steps: int = 25
     shift: float = 1.0
+
+
+@dataclass(frozen=True)
+class TrainedWith:
+    """What a bare model (no bundled encoders) was trained with, so a user can connect the same ones.
+
+    Latents were `(raw - shift_factor) * scaling_factor` of a `vae_kind` VAE ("pixel" / "diffusers",
+    `vae_family` e.g. "sdxl" when one was named) with `latent_channels` channels and `spatial_factor`
+    pixels per latent; text: a `text_encoder` ("hf", ...) giving `text_dim`-wide tokens and a
+    `pooled_text_dim`-wide pooled vector, taken from a CLIP when `pooled_from_clip`.
+    """
+
+    vae_kind: str = "pixel"
+    latent_channels: int = 3
+    spatial_factor: int = 1
+    scaling_factor: float = 1.0
+    shift_factor: float = 0.0
+    vae_family: str = ""
+    text_encoder: str = "hf"
+    text_encoder_name: str = ""
+    text_dim: int = 0
+    pooled_text_dim: int = 0
+    pooled_from_clip: bool = False
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> TrainedWith:
+        return cls(**json.loads(text))
+
+
+def save_bare_model(path: str | os.PathLike, model: STIVTransformer, trained_with: TrainedWith, *,
+                    defaults: SamplingDefaults = SamplingDefaults(), dtype: Optional[torch.dtype] = None) -> None:
+    """A model without its encoders (`load_model` reads it), recording what it was trained with and at."""
+    save_model(path, model, dtype=dtype, metadata={ENCODERS_KEY: trained_with.to_json(),
+                                                   DEFAULTS_KEY: json.dumps(asdict(defaults))})
+
+
+def read_trained_with(path: str | os.PathLike) -> Optional[TrainedWith]:
+    """The record of a bare model's encoders; None for a bundle or a model exported without one."""
+    meta = read_metadata(path)
+    return TrainedWith.from_json(meta[ENCODERS_KEY]) if ENCODERS_KEY in meta else None
 
 
 def save_bundle(path: str | os.PathLike, model: STIVTransformer, text_encoder: WordTextEncoder, *,

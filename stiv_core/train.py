@@ -39,10 +39,10 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from tqdm.auto import tqdm
 
-from .checkpoint import save_model
 from .data.loader import build_dataset, build_loader, mix_seed
 from .data.sample import SampleBatch
-from .bundle import SamplingDefaults, save_bundle
+from .bundle import SamplingDefaults, TrainedWith, save_bare_model, save_bundle
+from .encoders.vae import VAEFamily
 from .encoders.words import WordTextEncoder
 from .interfaces import TextEncoder, VideoVAE
 from .model.transformer import STIVTransformer
@@ -165,7 +165,7 @@ def run(accelerator: Accelerator, config: TrainConfig) -> TrainResult:
     if result.losses:  # a resumed run that was already complete has nothing new to save
         save()
     result.step, result.skipped = state.step, list(state.skipped)
-    result.model_path = _export(accelerator, config, ema, text_encoder)
+    result.model_path = _export(accelerator, config, ema, text_encoder, vae)
     if state.skipped:
         log.warning("%d unreadable or too-short files were skipped, e.g. %s", len(state.skipped), state.skipped[:3])
     return result
@@ -267,20 +267,38 @@ def _ema_model(ema: EMA, config: TrainConfig, device: torch.device) -> Optional[
     return model.eval().requires_grad_(False)
 
 
-def _export(accelerator: Accelerator, config: TrainConfig, ema: EMA, text_encoder: TextEncoder) -> Optional[Path]:
+def _export(accelerator: Accelerator, config: TrainConfig, ema: EMA, text_encoder: TextEncoder,
+            vae: VideoVAE) -> Optional[Path]:
     """The EMA weights as the run's model (`output_dir/model.safetensors`, loadable by load_model);
-    with the word encoder, a bundle that `python -m stiv_core.generate --model PATH` runs."""
+    with the word encoder, a bundle that `python -m stiv_core.generate --model PATH` runs; otherwise a
+    bare model whose metadata records the encoders it was trained with (`TrainedWith`) and its size."""
     ema_model = _ema_model(ema, config, torch.device("cpu"))  # gathered on every rank
     if not accelerator.is_main_process:
         return None
     path = config.output_path / "model.safetensors"
+    frames, height, width = config.data.buckets[0]
+    defaults = SamplingDefaults(num_frames=frames, height=height, width=width, steps=config.sample_steps)
+    dtype = EXPORT_DTYPES[config.export_dtype]
     if isinstance(text_encoder, WordTextEncoder):
-        frames, height, width = config.data.buckets[0]
-        defaults = SamplingDefaults(num_frames=frames, height=height, width=width, steps=config.sample_steps)
-        save_bundle(path, ema_model, text_encoder, defaults=defaults, dtype=EXPORT_DTYPES[config.export_dtype])
+        save_bundle(path, ema_model, text_encoder, defaults=defaults, dtype=dtype)
     else:
-        save_model(path, ema_model, dtype=EXPORT_DTYPES[config.export_dtype])
+        save_bare_model(path, ema_model, trained_with(config, text_encoder, vae), defaults=defaults, dtype=dtype)
     return path
+
+
+def trained_with(config: TrainConfig, text_encoder: TextEncoder, vae: VideoVAE) -> TrainedWith:
+    """The record of this run's encoders that a bare exported model carries."""
+    families = {f.value for f in VAEFamily}
+    family = config.vae_config.lower() if config.vae_config.lower() in families else ""  # not a config.json
+    pooled_encoder = getattr(text_encoder, "pooled_encoder", text_encoder)  # a CombinedTextEncoder's second
+    return TrainedWith(
+        vae_kind=config.vae.value, latent_channels=int(vae.latent_channels),
+        spatial_factor=int(vae.spatial_factor), scaling_factor=float(getattr(vae, "scaling_factor", 1.0)),
+        shift_factor=float(getattr(vae, "shift_factor", 0.0)),
+        vae_family=family, text_encoder=config.text_encoder.value,
+        text_encoder_name=Path(config.text_encoder_path).name if config.text_encoder_path else "",
+        text_dim=config.model.text_dim, pooled_text_dim=config.model.pooled_text_dim,
+        pooled_from_clip=bool(getattr(pooled_encoder, "is_clip", False)))
 
 
 def _note_skips(state: TrainerState, batch: SampleBatch) -> None:

@@ -6,10 +6,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from stiv_core.bundle import SamplingDefaults, TrainedWith, load_defaults, read_trained_with
 from stiv_core.checkpoint import load_model
 from stiv_core.encoders.combined import CombinedTextEncoder
 from stiv_core.encoders.hf import HFTextEncoder
-from stiv_core.train import train
+from stiv_core.train import train, trained_with
 from stiv_core.training.config import ConfigError, load_config
 from stiv_core.training.encoders import build_encoders
 from tests.tiny_hf import save_tiny_clip, save_tiny_t5
@@ -45,6 +46,12 @@ def test_training_with_a_t5_and_an_sd_like_vae(tmp_path, folders):
     assert result.step == 2 and all(torch.isfinite(torch.tensor(result.losses)))
     model = load_model(result.model_path)
     assert model.config.latent_channels == 4 and model.config.text_dim == 32
+    # the bare export records its encoders and size, for the STIV Loader node
+    assert read_trained_with(result.model_path) == TrainedWith(
+        vae_kind="diffusers", latent_channels=4, spatial_factor=2, scaling_factor=0.13025, shift_factor=0.0,
+        vae_family="", text_encoder="hf", text_encoder_name="t5", text_dim=32, pooled_text_dim=32,
+        pooled_from_clip=False)
+    assert load_defaults(result.model_path) == SamplingDefaults(num_frames=2, height=16, width=16, steps=25)
 
 
 def test_t5_tokens_with_a_clip_pooled_embedding(tmp_path, folders):
@@ -59,6 +66,8 @@ def test_t5_tokens_with_a_clip_pooled_embedding(tmp_path, folders):
     torch.testing.assert_close(e.tokens, HFTextEncoder(folders["t5"]).encode(prompts).tokens)
     result = train(config)
     assert result.step == 2 and load_model(result.model_path).config.pooled_text_dim == 24
+    recorded = read_trained_with(result.model_path)
+    assert recorded.pooled_from_clip and (recorded.text_dim, recorded.pooled_text_dim) == (32, 24)
 
 
 def test_a_single_original_format_vae_file_with_its_family(tmp_path, folders):
@@ -70,6 +79,8 @@ def test_a_single_original_format_vae_file_with_its_family(tmp_path, folders):
                                            vae_config='"sdxl"'))
     _, vae = build_encoders(config)
     assert isinstance(vae, DiffusersVAE) and (vae.latent_channels, vae.scaling_factor) == (4, 0.13025)
+    recorded = trained_with(config, *build_encoders(config))
+    assert (recorded.vae_family, recorded.scaling_factor, recorded.latent_channels) == ("sdxl", 0.13025, 4)
     with pytest.raises(ConfigError, match="vae_config needs vae='diffusers'"):
         load_config(CONFIG, ['vae_config="sdxl"'])
 
