@@ -17,7 +17,7 @@ import torch
 from safetensors import safe_open
 
 from .checkpoint import CheckpointError, check_safetensors, load_model, read_metadata, save_model, save_state_dict
-from .checkpoint import CONFIG_KEY, FORMAT, TEXT_ENCODER_PREFIX
+from .checkpoint import TEXT_ENCODER_PREFIX, model_metadata
 from .encoders.pixel import PixelVAE
 from .encoders.words import VOCAB_KEY, WordTextEncoder
 from .model.transformer import STIVTransformer
@@ -90,8 +90,8 @@ def save_bundle(path: str | os.PathLike, model: STIVTransformer, text_encoder: W
     cast = lambda v: v.detach().to(dtype or v.dtype).contiguous().cpu()
     state = {k: cast(v) for k, v in model.state_dict().items()}
     state.update({TEXT_ENCODER_PREFIX + k: cast(v) for k, v in text_encoder.state_dict().items()})
-    meta = {**dict(metadata or {}), "format": FORMAT, CONFIG_KEY: model.config.to_json(), VAE_KEY: "pixel",
-            DEFAULTS_KEY: json.dumps(asdict(defaults)), **text_encoder.metadata()}
+    meta = {**model_metadata(model.config, metadata), VAE_KEY: "pixel", DEFAULTS_KEY: json.dumps(asdict(defaults)),
+            **text_encoder.metadata()}
     save_state_dict(path, state, meta)
 
 

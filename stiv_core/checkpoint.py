@@ -34,9 +34,13 @@ def save_model(path: str | os.PathLike, model: STIVTransformer, *, dtype: Option
                metadata: Optional[Mapping[str, str]] = None) -> None:
     """Write `model`'s weights (optionally cast to `dtype`) and config atomically to `path`."""
     state = {k: v.detach().to(dtype or v.dtype).contiguous().cpu() for k, v in model.state_dict().items()}
-    # The model's own config wins over a caller's (e.g. copied) metadata: it is what the weights fit.
-    meta = {**dict(metadata or {}), "format": FORMAT, CONFIG_KEY: model.config.to_json()}
-    save_state_dict(path, state, meta)
+    save_state_dict(path, state, model_metadata(model.config, metadata))
+
+
+def model_metadata(config, extra: Optional[Mapping[str, str]] = None) -> dict[str, str]:
+    """The metadata that makes a file load with `load_model`: the format tag and the config. The
+    config wins over `extra` (e.g. copied metadata): it is what the weights fit."""
+    return {**dict(extra or {}), "format": FORMAT, CONFIG_KEY: config.to_json()}
 
 
 def save_state_dict(path: str | os.PathLike, state: Mapping[str, torch.Tensor],

@@ -21,7 +21,7 @@ from typing import Optional, Sequence
 import torch
 from safetensors.torch import load_file
 
-from .checkpoint import CONFIG_KEY, FORMAT, check_keys, check_safetensors, save_state_dict
+from .checkpoint import check_keys, check_safetensors, model_metadata, save_state_dict
 from .config import STIVConfig, preset
 from .model.transformer import STIVTransformer
 from .pixart import (ConversionError, KeyStyle, PixArtShape, carried_tensors, key_style, pixart_shape,
@@ -165,7 +165,7 @@ def convert_pixart_file(src: str | os.PathLike, out: str | os.PathLike, config: 
     model, report = convert_pixart(load_file(str(path)), config, source=path.name, source_heads=source_heads)
     state = {k: v.detach().to(dtype).contiguous() for k, v in model.state_dict().items()}
     # The recorded config is what the trainer's [init] and load_model build the model from.
-    save_state_dict(out, state, {"format": FORMAT, CONFIG_KEY: config.to_json(), CONVERSION_KEY: report.to_json()})
+    save_state_dict(out, state, model_metadata(config, {CONVERSION_KEY: report.to_json()}))
     return report
 
 

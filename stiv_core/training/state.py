@@ -29,7 +29,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from ..checkpoint import CONFIG_KEY, FORMAT, check_safetensors, save_state_dict
+from ..checkpoint import check_safetensors, model_metadata, save_state_dict
 from ..config import STIVConfig
 from .full_state import OptimizerState
 
@@ -89,8 +89,7 @@ def save_checkpoint(output_dir: str | Path, snapshot: Snapshot, *, config: STIVC
     tmp = root / f"{final.name}.tmp{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    # The metadata of `checkpoint.save_model`: these files load with `checkpoint.load_model`.
-    meta = {"step": str(snapshot.trainer.step), "format": FORMAT, CONFIG_KEY: config.to_json()}
+    meta = model_metadata(config, {"step": str(snapshot.trainer.step)})  # they load with `load_model`
     save_state_dict(tmp / "model.safetensors", _contiguous(snapshot.model), meta)
     save_state_dict(tmp / "ema.safetensors", _contiguous(snapshot.ema), meta)
     tensors, metadata = _pack_state(snapshot)
