@@ -205,9 +205,12 @@ def _ti2v(model: VideoModel, caption: str, config: BenchConfig, seed: int) -> di
     truth = ground_truth(caption, config.num_frames, config, seed)
     condition = FrameCondition(truth[None, :, :1], (0,))
     video = model.generate(caption, num_frames=config.num_frames, seed=seed, condition=condition)
-    direction = direction_of(track(video), config.height, config.width)
+    dets = track(video)
+    moves = displacements(dets, config.height, config.width)
     return {"frame0_psnr": psnr(video[:, 0], truth[:, 0]),
-            "direction_acc": direction == parse_caption(caption).direction}
+            "direction_acc": direction_of(dets, config.height, config.width) == parse_caption(caption).direction,
+            "motion": mean(math.hypot(*m) for m in moves) if moves else 0.0,
+            "net_motion": math.hypot(mean(m[0] for m in moves), mean(m[1] for m in moves)) if moves else 0.0}
 
 
 def _interp(model: VideoModel, caption: str, config: BenchConfig, seed: int) -> dict[str, float]:

@@ -68,3 +68,20 @@ def test_psnr_matches_its_formula():
     a = torch.zeros(3, 4, 4)
     b = a + 0.2  # 0.1 on [0, 1]: mse 0.01 -> 20 dB
     assert abs(psnr(a, b) - 20.0) < 1e-4 and psnr(a, a) == 100.0
+
+
+def test_ti2v_motion_is_the_true_speed_and_zero_for_a_stale_video():
+    """TI2V motion (the "stale motion" claim's measure): the domain's speed in px/frame, 0 when frozen."""
+    config = BenchConfig(tasks=("ti2v",))
+    caption = PROMPTS[0]
+    params = random_params(torch.Generator().manual_seed(config.seed), parse_caption(caption).combination)
+    r = run_bench(GroundTruthModel(config), [caption], config)["ti2v"]
+    assert abs(r["net_motion"] - params.speed * 32) < 0.15 and abs(r["motion"] - params.speed * 32) < 0.15
+
+    class Stale(GroundTruthModel):
+        def generate(self, caption, **kw):
+            clip = super().generate(caption, **kw)
+            return clip[:, :1].expand_as(clip)
+
+    r = run_bench(Stale(config), [caption], config)["ti2v"]
+    assert r["motion"] == 0.0 and r["net_motion"] == 0.0 and r["direction_acc"] == 0.0
