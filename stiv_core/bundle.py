@@ -124,9 +124,18 @@ def load_pipeline(ref: str | os.PathLike, *, device: str | torch.device = "cpu",
         raise CheckpointError(f"{path.name} is a bare STIV model without its text encoder and VAE; load it with "
                               f"stiv_core.checkpoint.load_model and pass your own encoders")
     model = load_model(path, device=device, dtype=dtype)
-    text_encoder = WordTextEncoder.from_metadata(meta)
+    return STIVPipeline(model, _read_word_encoder(path, meta).to(device), PixelVAE())
+
+
+def load_word_encoder(path: str | os.PathLike) -> Optional[WordTextEncoder]:
+    """The word encoder saved in a bundle (float32, eval, frozen), or None if the file has none."""
+    meta = read_metadata(path)
+    return _read_word_encoder(path, meta) if VOCAB_KEY in meta else None
+
+
+def _read_word_encoder(path: str | os.PathLike, meta: Mapping[str, str]) -> WordTextEncoder:
+    text_encoder = WordTextEncoder.from_metadata(dict(meta))
     with safe_open(str(check_safetensors(path)), framework="pt", device="cpu") as f:
         state = {k[len(TEXT_ENCODER_PREFIX):]: f.get_tensor(k) for k in f.keys() if k.startswith(TEXT_ENCODER_PREFIX)}
     text_encoder.load_state_dict({k: v.float() for k, v in state.items()})
-    text_encoder.to(device).eval().requires_grad_(False)
-    return STIVPipeline(model, text_encoder, PixelVAE())
+    return text_encoder.eval().requires_grad_(False)

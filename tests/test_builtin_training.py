@@ -45,6 +45,26 @@ def test_every_process_and_every_resume_builds_the_same_word_encoder(trained):
     assert not any(p.requires_grad for p in first.parameters())  # frozen: the model learns on top
 
 
+def test_a_finetune_reads_text_with_the_encoder_saved_in_its_init_bundle(trained, tmp_path):
+    """init.path's bundle brings its word encoder: another seed must not swap in a different one."""
+    shipped = load_pipeline(trained.model_path).text_encoder
+    base = ["model.depth=1", "model.hidden_size=32", "model.num_heads=2", "model.text_dim=32",
+            "model.pooled_text_dim=32", "seed=7"]
+    fresh, _ = build_encoders(load_config(CONFIG, base))
+    config = load_config(CONFIG, base + ['init.kind="full"', f'init.path="{trained.model_path}"'])
+    kept, _ = build_encoders(config)
+    state = kept.state_dict()
+    assert all(torch.equal(v, state[k]) for k, v in shipped.state_dict().items())
+    assert not all(torch.equal(v, state[k]) for k, v in fresh.state_dict().items())  # the seed does matter
+    assert not any(p.requires_grad for p in kept.parameters())
+    out = tmp_path / "finetune"
+    result = train(load_config(CONFIG, base + ['init.kind="full"', f'init.path="{trained.model_path}"',
+                                               f'output_dir="{out}"', "max_steps=1", "batch_size=2",
+                                               "sample_every=0", "data.buckets=[[4, 16, 16]]"]))
+    exported = load_pipeline(result.model_path).text_encoder.state_dict()
+    assert all(torch.equal(v, exported[k]) for k, v in shipped.state_dict().items())
+
+
 def test_generate_runs_the_exported_bundle(trained, tmp_path):
     out = tmp_path / "frames"  # PNGs: GIF merges identical frames, which an untrained model makes
     assert cli.main(["--model", str(trained.model_path), "--prompt", "a red circle moving left on a blue background",

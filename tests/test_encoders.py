@@ -37,9 +37,15 @@ def test_unknown_words_are_warned_about_and_ignored(caplog):
     torch.testing.assert_close(a.pooled, b.pooled)
 
 
-def test_context_tells_object_colour_from_background_colour():
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_context_tells_object_colour_from_background_colour(seed):
+    """The same colour word as the object's and as the background's must be clearly different tokens
+    (the shipped model's encoder had them at cosine 0.998 and swapped the two colours)."""
     with torch.no_grad():
-        e = encoder().encode(["a blue circle on a red background", "a red circle on a blue background"])
+        e = encoder(seed).encode(["a blue circle on a red background", "a red circle on a blue background"])
+    cos = torch.nn.functional.cosine_similarity
+    assert cos(e.tokens[0, 1], e.tokens[1, 5], dim=0) < 0.8  # "blue": object vs background
+    assert cos(e.tokens[0, 5], e.tokens[1, 1], dim=0) < 0.8  # "red"
     assert not torch.allclose(e.pooled[0], e.pooled[1], atol=1e-4)
     assert e.mask.sum(1).tolist() == [7, 7]
 

@@ -1,22 +1,29 @@
 """The trainer's text encoder and VAE, chosen by the config; their widths must fit the model config.
 
 - text: `hashed` (a fixed vector per word; tests), `words` (the built-in word-level encoder, frozen at
-  a seeded initialisation so every process and every resume builds the same one; it ships in the
-  exported bundle), `hf` (T5, CLIP or any Hugging Face encoder from `text_encoder_path`, offline;
+  a seeded initialisation so every process and every resume builds the same one, or the one saved
+  in the `[init]` bundle when there is one; it ships in the exported bundle), `hf` (T5, CLIP or any Hugging Face encoder from `text_encoder_path`, offline;
   with `pooled_text_encoder_path`, the pooled embedding comes from that CLIP-like encoder instead);
 - vae: `pixel` (pixel space, the built-in model's) or `diffusers` (an AutoencoderKL from `vae_path`; a
   single original-format file, e.g. ComfyUI's `sdxl_vae.safetensors`, with `vae_config = "sdxl"`).
 """
 from __future__ import annotations
 
+import logging
+from pathlib import Path
+from typing import Optional
+
 import torch
 
+from ..bundle import load_word_encoder
 from ..data.shapes import VOCABULARY
 from ..data.stand_ins import HashedTextEncoder
 from ..encoders.pixel import PixelVAE
 from ..encoders.words import WordTextEncoder
 from ..interfaces import TextEncoder, VideoVAE
 from .config import ConfigError, TextEncoderKind, TrainConfig, VAEKind
+
+log = logging.getLogger(__name__)
 
 
 def build_encoders(config: TrainConfig, device: torch.device | str = "cpu") -> tuple[TextEncoder, VideoVAE]:
@@ -47,9 +54,11 @@ def build_text_encoder(config: TrainConfig, device: torch.device | str) -> TextE
     m = config.model
     if config.text_encoder == TextEncoderKind.WORDS:
         _need_widths(m, m.text_dim, m.text_dim, "the word encoder (pooled = token width)")
-        with torch.random.fork_rng():
-            torch.manual_seed(config.seed)
-            words = WordTextEncoder(VOCABULARY, dim=m.text_dim, max_tokens=m.max_text_tokens)
+        words = _init_word_encoder(config)
+        if words is None:
+            with torch.random.fork_rng():
+                torch.manual_seed(config.seed)
+                words = WordTextEncoder(VOCABULARY, dim=m.text_dim, max_tokens=m.max_text_tokens)
         return words.to(device).eval().requires_grad_(False)
     if config.text_encoder == TextEncoderKind.HF:
         from ..encoders.hf import HFTextEncoder
@@ -68,6 +77,20 @@ def build_text_encoder(config: TrainConfig, device: torch.device | str) -> TextE
         raise ConfigError(f"model.pooled_text_dim ({m.pooled_text_dim}) must be <= model.text_dim "
                           f"({m.text_dim}) for the hashed text encoder")
     return HashedTextEncoder(m.text_dim, m.pooled_text_dim, m.max_text_tokens)
+
+
+def _init_word_encoder(config: TrainConfig) -> Optional[WordTextEncoder]:
+    """The word encoder saved in `init.path` (a bundle), if any: the model there learnt to read exactly
+    that one, so a finetune keeps it whatever `seed` says (a seeded one would be a different encoder)."""
+    path = config.init.path  # the weights that read the text (cross-attention) come from here
+    if not (path and Path(path).is_file()) or (words := load_word_encoder(path)) is None:
+        return None
+    m = config.model
+    if (words.dim, words.max_tokens) != (m.text_dim, m.max_text_tokens):
+        raise ConfigError(f"the word encoder in init.path {path!r} gives {words.dim}-wide tokens, at most "
+                          f"{words.max_tokens}; the model takes {m.text_dim} / {m.max_text_tokens}")
+    log.info("text: the word encoder saved in %s (%d words)", path, len(words.vocab))
+    return words
 
 
 def _need_widths(model, dim: int, pooled: int, what: str) -> None:
