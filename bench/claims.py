@@ -113,5 +113,6 @@ def machine() -> str:
     return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads, "
             f"torch {torch.__version__}, {datetime.date.today()}")
 
+
 if __name__ == "__main__":
     main()
