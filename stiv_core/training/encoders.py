@@ -3,7 +3,8 @@
 - text: `hashed` (a fixed vector per word; tests), `words` (the built-in word-level encoder, frozen at
   a seeded initialisation so every process and every resume builds the same one, or the one saved
   in the `[init]` bundle when there is one; it ships in the exported bundle), `hf` (T5, CLIP or any
-  Hugging Face encoder from `text_encoder_path`, offline; with `pooled_text_encoder_path`, the pooled embedding comes from that CLIP-like encoder instead);
+  Hugging Face encoder from `text_encoder_path`, offline; with `pooled_text_encoder_path`, the pooled
+  embedding comes from that CLIP-like encoder instead);
 - vae: `pixel` (pixel space, the built-in model's) or `diffusers` (an AutoencoderKL from `vae_path`; a
   single original-format file, e.g. ComfyUI's `sdxl_vae.safetensors`, with `vae_config = "sdxl"`).
 """
