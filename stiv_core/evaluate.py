@@ -193,9 +193,12 @@ def _t2v(model: VideoModel, caption: str, config: BenchConfig, seed: int) -> dic
     moves = displacements(dets, config.height, config.width)
     speeds = [math.hypot(*m) for m in moves]
     accel = [math.hypot(b[0] - a[0], b[1] - a[1]) for a, b in zip(moves, moves[1:])]
-    return {"color_acc": majority([d.color for d in dets]) == want.color,
+    color, background = majority([d.color for d in dets]), majority([d.background for d in dets])
+    return {"color_acc": color == want.color,
             "shape_acc": majority([d.shape for d in dets]) == want.shape,
-            "background_acc": majority([d.background for d in dets]) == want.background,
+            "background_acc": background == want.background,
+            # the caption's two colours exchanged (object drawn in the background's colour or vice versa)
+            "color_swap": color == want.background or background == want.color,
             "direction_acc": direction_of(dets, config.height, config.width) == want.direction,
             "motion": mean(speeds) if speeds else 0.0, "smoothness": mean(accel) if accel else 0.0,
             "seconds": seconds}

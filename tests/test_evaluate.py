@@ -18,7 +18,7 @@ def test_ground_truth_scores_full_marks():
     assert r["ti2v"]["frame0_psnr"] >= 99 and r["ti2v"]["direction_acc"] == 1.0
     assert r["interp"]["endpoint_psnr"] >= 99 and r["interp"]["monotone_rate"] == 1.0
     assert r["long"]["color_drift"] == 0.0 and r["long"]["color_kept"] == 1.0 and r["long"]["frames"] == 46
-    assert r["t2v"]["motion"] > 0.5 and r["seconds_per_video"] >= 0
+    assert r["t2v"]["motion"] > 0.5 and r["seconds_per_video"] >= 0 and r["t2v"]["color_swap"] == 0.0
 
 
 def test_ground_truth_with_noise_still_reads_right():
@@ -85,3 +85,18 @@ def test_ti2v_motion_is_the_true_speed_and_zero_for_a_stale_video():
 
     r = run_bench(Stale(config), [caption], config)["ti2v"]
     assert r["motion"] == 0.0 and r["net_motion"] == 0.0 and r["direction_acc"] == 0.0
+
+
+def test_a_video_with_its_two_colours_exchanged_counts_as_a_swap():
+    config = BenchConfig(tasks=("t2v",))
+
+    class Swapped(GroundTruthModel):
+        def generate(self, caption, **kw):
+            p = random_params(torch.Generator().manual_seed(0), parse_caption(caption).combination)
+            return render(dataclasses.replace(p, color=p.background, background=p.color), 16, 32, 32)
+
+    both = {"white", "black", "blue"}  # colours that are both object and background colours
+    prompts = [c for c in heldout_prompts() if {parse_caption(c).color, parse_caption(c).background} <= both]
+    assert len(prompts) >= 3
+    r = run_bench(Swapped(config), prompts, config)["t2v"]
+    assert r["color_swap"] == 1.0 and r["color_acc"] == 0.0 and r["background_acc"] == 0.0
