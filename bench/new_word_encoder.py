@@ -14,19 +14,12 @@ import argparse
 import sys
 from pathlib import Path
 
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from stiv_core.bundle import load_defaults, load_pipeline, load_word_encoder, save_bundle  # noqa: E402
 from stiv_core.checkpoint import read_metadata  # noqa: E402
 from stiv_core.encoders.words import WordTextEncoder  # noqa: E402
-
-
-def fresh_encoder(old: WordTextEncoder, seed: int) -> WordTextEncoder:
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        return WordTextEncoder(old.vocab, dim=old.dim, max_tokens=old.max_tokens).eval().requires_grad_(False)
 
 
 def main(argv=None) -> None:
@@ -38,7 +31,7 @@ def main(argv=None) -> None:
     old = load_word_encoder(args.bundle)
     if old is None:
         raise SystemExit(f"{args.bundle} has no word encoder (a bare model, not a bundle)")
-    new = fresh_encoder(old, args.seed)
+    new = WordTextEncoder.seeded(old.vocab, dim=old.dim, max_tokens=old.max_tokens, seed=args.seed)
     pipe = load_pipeline(args.bundle)
     dtype = next(pipe.model.parameters()).dtype
     meta = {k: v for k, v in read_metadata(args.bundle).items() if k not in new.metadata()}

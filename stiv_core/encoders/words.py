@@ -89,6 +89,13 @@ class WordTextEncoder(nn.Module):
         return {VOCAB_KEY: json.dumps({"vocab": self.vocab, "dim": self.dim, "max_tokens": self.max_tokens})}
 
     @classmethod
+    def seeded(cls, vocab: Sequence[str], *, dim: int, max_tokens: int, seed: int) -> WordTextEncoder:
+        """The encoder a training run with this `seed` builds (frozen, eval), leaving the global RNG as it was."""
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            return cls(vocab, dim=dim, max_tokens=max_tokens).eval().requires_grad_(False)
+
+    @classmethod
     def from_metadata(cls, metadata: dict[str, str]) -> WordTextEncoder:
         spec = json.loads(metadata[VOCAB_KEY])
         return cls(spec["vocab"], dim=spec["dim"], max_tokens=spec["max_tokens"])

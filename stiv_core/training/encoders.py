@@ -57,9 +57,7 @@ def build_text_encoder(config: TrainConfig, device: torch.device | str) -> TextE
         _need_widths(m, m.text_dim, m.text_dim, "the word encoder (pooled = token width)")
         words = _init_word_encoder(config)
         if words is None:
-            with torch.random.fork_rng():
-                torch.manual_seed(config.seed)
-                words = WordTextEncoder(VOCABULARY, dim=m.text_dim, max_tokens=m.max_text_tokens)
+            words = WordTextEncoder.seeded(VOCABULARY, dim=m.text_dim, max_tokens=m.max_text_tokens, seed=config.seed)
         return words.to(device).eval().requires_grad_(False)
     if config.text_encoder == TextEncoderKind.HF:
         from ..encoders.hf import HFTextEncoder
