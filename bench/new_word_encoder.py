@@ -14,10 +14,9 @@ import argparse
 import sys
 from pathlib import Path
 
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from stiv_core.bundle import load_defaults, load_pipeline, load_word_encoder, save_bundle  # noqa: E402
+from stiv_core.bundle import load_defaults, load_pipeline, save_bundle  # noqa: E402
 from stiv_core.checkpoint import read_metadata  # noqa: E402
 from stiv_core.encoders.words import WordTextEncoder  # noqa: E402
 
@@ -28,11 +27,9 @@ def main(argv=None) -> None:
     parser.add_argument("out", type=Path)
     parser.add_argument("--seed", type=int, default=0, help="the training config's seed (tiny.toml: 0)")
     args = parser.parse_args(argv)
-    old = load_word_encoder(args.bundle)
-    if old is None:
-        raise SystemExit(f"{args.bundle} has no word encoder (a bare model, not a bundle)")
+    pipe = load_pipeline(args.bundle)  # a bare model (no word encoder) is refused here, with the reason
+    old = pipe.text_encoder
     new = WordTextEncoder.seeded(old.vocab, dim=old.dim, max_tokens=old.max_tokens, seed=args.seed)
-    pipe = load_pipeline(args.bundle)
     dtype = next(pipe.model.parameters()).dtype
     meta = {k: v for k, v in read_metadata(args.bundle).items() if k not in new.metadata()}
     save_bundle(args.out, pipe.model, new, defaults=load_defaults(args.bundle), dtype=dtype, metadata=meta)
