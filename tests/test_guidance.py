@@ -47,15 +47,32 @@ def test_renormalization_keeps_the_conditional_norm_per_sample():
     torch.testing.assert_close(cosine, torch.ones(2, dtype=torch.float64))
 
 
+def test_renormalization_measures_only_the_generated_frames():
+    # A given frame's velocity is unconstrained (loss-masked in training; replacement overwrites it): a
+    # huge value there must not shrink the generated frames' velocity.
+    v_full, _, v_null = velocities()
+    generated = torch.ones(2, 6, dtype=torch.bool)
+    generated[:, 0] = False
+    reference = G.renormalize(G.cfg(v_full[:, :, 1:], v_null[:, :, 1:], 7.5), v_full[:, :, 1:])
+    v_null[:, :, 0] *= 1e4
+    guided = G.renormalize(G.cfg(v_full, v_null, 7.5), v_full, generated)
+    torch.testing.assert_close(guided[:, :, 1:], reference)
+    config = GuidanceConfig("jit", scale=7.5, renormalize=True)
+    torch.testing.assert_close(G.combine(config, [v_full, v_null], generated)[:, :, 1:], reference)
+    # without the mask the given frame sets the scale: what this guards against
+    unmasked = G.renormalize(G.cfg(v_full, v_null, 7.5), v_full)
+    assert unmasked[:, :, 1:].norm() < 0.1 * reference.norm()
+
+
 @pytest.mark.parametrize("mode,passes", [("none", 1), ("cfg", 2), ("jit", 2), ("sit", 3)])
 def test_combine_uses_the_passes_of_each_mode(mode, passes):
     config = GuidanceConfig(mode, scale=3.0, image_scale=2.0)
     assert len(config.passes) == passes and config.passes[0] == G.FULL
     vs = velocities(passes)
     out = G.combine(config, vs)
-    expected = {"none": lambda: vs[0], "cfg": lambda: G.cfg(vs[0], vs[1], 3.0),
-                "jit": lambda: G.cfg(vs[0], vs[1], 3.0),
-                "sit": lambda: G.separate_image_text_cfg(*vs, scale_text=3.0, scale_image=2.0)}[mode]()
+    expected = {"none": lambda: vs[0], "cfg": lambda: vs[1] + 3.0 * (vs[0] - vs[1]),
+                "jit": lambda: vs[1] + 3.0 * (vs[0] - vs[1]),
+                "sit": lambda: vs[2] + 2.0 * (vs[1] - vs[2]) + 3.0 * (vs[0] - vs[1])}[mode]()
     torch.testing.assert_close(out, expected)
     with pytest.raises(ValueError, match="takes"):
         G.combine(config, vs + vs)

@@ -6,14 +6,16 @@ replacement for that pass (the given frames stay noisy, as in training with imag
 - plain CFG (text only):  v = v(cI, ∅T) + s * (v(cI, cT) - v(cI, ∅T))
 - JIT-CFG (2 passes):     v = v(∅, ∅) + s * (v(cI, cT) - v(∅, ∅))
 - SIT-CFG (3 passes):     v = v(∅, ∅) + sI * (v(cI, ∅T) - v(∅, ∅)) + sT * (v(cI, cT) - v(cI, ∅T))
-- renormalization: rescale the guided velocity, per sample, to the norm of the conditional one.
+- renormalization: rescale the guided velocity, per sample, to the norm of the conditional one, both
+  taken over the generated frames only (a given frame's velocity is unconstrained by training and is
+  overwritten by frame replacement, so it must not set the scale).
 """
 from __future__ import annotations
 
 import enum
 import math
 from dataclasses import dataclass
-from typing import NamedTuple, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import torch
 
@@ -79,15 +81,28 @@ def separate_image_text_cfg(v_full: torch.Tensor, v_image: torch.Tensor, v_null:
     return v_null + scale_image * (v_image - v_null) + scale_text * (v_full - v_image)
 
 
-def renormalize(v_guided: torch.Tensor, v_cond: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
-    """v_guided rescaled per sample (over all non-batch dims) to the norm of v_cond."""
+def renormalize(v_guided: torch.Tensor, v_cond: torch.Tensor, generated: Optional[torch.Tensor] = None,
+                eps: float = 1e-12) -> torch.Tensor:
+    """v_guided `(B, C, T, H, W)` rescaled per sample to the norm of v_cond.
+
+    generated: optional `(B, T)` bool, True for the frames the norms are taken over (None: all frames).
+    """
+    if generated is not None:
+        keep = generated.to(v_guided.device, v_guided.dtype)[:, None, :, None, None]
+        v_guided_n, v_cond_n = v_guided * keep, v_cond * keep
+    else:
+        v_guided_n, v_cond_n = v_guided, v_cond
     per_sample = lambda v: torch.linalg.vector_norm(v.flatten(1), dim=1)
-    ratio = per_sample(v_cond) / per_sample(v_guided).clamp_min(eps)
+    ratio = per_sample(v_cond_n) / per_sample(v_guided_n).clamp_min(eps)
     return v_guided * ratio.view(-1, *([1] * (v_guided.dim() - 1)))
 
 
-def combine(config: GuidanceConfig, velocities: Sequence[torch.Tensor]) -> torch.Tensor:
-    """The guided velocity from the passes' velocities, given in `config.passes` order."""
+def combine(config: GuidanceConfig, velocities: Sequence[torch.Tensor],
+            generated: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The guided velocity from the passes' velocities, given in `config.passes` order.
+
+    generated: `(B, T)` bool of the frames being generated; renormalization measures only those.
+    """
     if len(velocities) != len(config.passes):
         raise ValueError(f"{config.mode.value} guidance takes {len(config.passes)} velocities, "
                          f"got {len(velocities)}")
@@ -101,4 +116,4 @@ def combine(config: GuidanceConfig, velocities: Sequence[torch.Tensor]) -> torch
     else:
         guided = separate_image_text_cfg(v_full, velocities[1], velocities[2],
                                          scale_text=config.scale, scale_image=config.image_scale)
-    return renormalize(guided, v_full) if config.renormalize else guided
+    return renormalize(guided, v_full, generated) if config.renormalize else guided

@@ -77,6 +77,7 @@ def guided_velocity(model: torch.nn.Module, inputs: SampleInputs, guidance: Guid
     use_null = inputs.negative is None
     text_drop = torch.tensor([p.drop_text and use_null for p in passes], device=device).repeat_interleave(batch)
     given = plan.frame_mask(batch, device)
+    generated = ~given
     frame_mask = torch.cat([torch.zeros_like(given) if p.drop_image else given for p in passes])
     micro = inputs.micro.to(device).repeat(n, 1)
     kind = model.config.prediction
@@ -87,7 +88,7 @@ def guided_velocity(model: torch.nn.Module, inputs: SampleInputs, guidance: Guid
         t_in = torch.full((n * batch,), float(t), device=device)
         out = model(x_in, t_in, tokens, mask, pooled, micro, frame_mask=frame_mask, text_drop=text_drop)
         v = flow.velocity_from_prediction(out.float(), x_in, t_in, kind)
-        return combine(guidance, v.chunk(n))
+        return combine(guidance, v.chunk(n), generated)
 
     return velocity
 
