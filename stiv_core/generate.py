@@ -23,7 +23,7 @@ from .memory import (Budget, MemoryOptions, QuantMode, RunShape, VAEProfile, Won
                      plan_memory)
 from .memory.options import resolve_device, resolve_quant
 from .model.attention import AttentionBackend
-from .pipeline import (FrameCondition, GenerationRequest, STIVPipeline, long_video_latents,
+from .pipeline import (FrameCondition, GenerationRequest, STIVPipeline, check_long_video, long_video_latents,
                        temporal_upsample_latents)
 from .sampling import GuidanceConfig, GuidanceMode, SamplerConfig, StepInfo, Stepper
 from .video_io import output_kind, read_image, write_video
@@ -31,6 +31,7 @@ from .video_io import output_kind, read_image, write_video
 log = logging.getLogger("stiv_core.generate")
 # Bundles carry the pixel "VAE" (bundle.SUPPORTED_VAES): no weights, float32 RGB per pixel, factor 1.
 PIXEL_VAE = VAEProfile(weight_bytes=0, bytes_per_pixel=12.0, spatial_factor=1)
+LOAD_DTYPE = torch.float32   # what the weights are loaded in (quantization aside); --plan-only plans the same
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -84,9 +85,10 @@ def memory_options(args: argparse.Namespace) -> MemoryOptions:
 
 
 def run_shape(job: Job, spatial_factor: int) -> RunShape:
-    """The largest single sampling pass of the job, in latent units, for the planner."""
+    """The largest single sampling pass of the job (a long video's keyframe pass, its interpolation windows,
+    the TUP windows), in latent units, for the planner."""
     r = job.request
-    frames = max(r.num_frames, job.stride + 1 if job.keyframes else 0)
+    frames = max((r.num_frames, *((job.keyframes, job.stride + 1) if job.keyframes else ())))
     heun = r.sampler.stepper is Stepper.HEUN
     return RunShape(frames, r.height // spatial_factor, r.width // spatial_factor, batch=len(r.prompts),
                     guidance=r.sampler.guidance.mode, forwards_per_step=2 if heun else 1)
@@ -99,7 +101,7 @@ def print_plan(model_path: Path, job: Job) -> None:
     quant = resolve_quant(job.memory, device, notes)
     swap = job.memory.block_swap
     plan = plan_memory(load_config(model_path), run_shape(job, 1), Budget.probe(device), quant=quant,
-                       dtype=torch.float32 if device.type == "cpu" else torch.bfloat16,
+                       dtype=LOAD_DTYPE,
                        blocks_to_swap=None if swap == "auto" else swap, backend=job.memory.attention,
                        vae=PIXEL_VAE)
     print("\n".join([*notes, plan.describe()]))
@@ -112,19 +114,28 @@ def make_job(args: argparse.Namespace, model_path: Path) -> Job:
     frames, height, width = args.frames or d.num_frames, args.height or d.height, args.width or d.width
     if args.keyframes is not None and args.keyframes < 2:
         raise ValueError(f"--keyframes {args.keyframes}: a long video needs at least 2 keyframes")
-    if args.last_image and args.condition_frames:
-        raise ValueError("--last-image and --condition-frames describe different tasks; give one")
+    if args.condition_frames and (args.last_image or args.image):
+        raise ValueError("--condition-frames (video prediction) is a task of its own: give it without --image "
+                         "and --last-image (put the first frame first in --condition-frames)")
+    if args.keyframes is not None and args.condition_frames:
+        raise ValueError("--condition-frames and --keyframes: the keyframe pass places frames a stride apart, "
+                         "not consecutive ones; condition a long video with --image / --last-image")
+    stride = args.keyframe_stride or frames - 1
+    if args.keyframes is not None:
+        check_long_video(load_config(model_path).temporal_patch, args.keyframes, stride)
     sampler = SamplerConfig(steps=args.steps or d.steps, shift=args.shift or d.shift, stepper=args.stepper,
                             guidance=GuidanceConfig(args.guidance, scale=args.scale, image_scale=args.image_scale,
                                                     renormalize=args.renorm))
     request = GenerationRequest(args.prompt, frames, height, width, seed=args.seed, sampler=sampler,
-                                condition=_condition(args, frames, height, width),
+                                condition=_condition(args, args.keyframes or frames, height, width),
                                 negative_prompt=args.negative_prompt)
-    return Job(request, args.keyframes, args.keyframe_stride or frames - 1, args.temporal_upsample,
+    return Job(request, args.keyframes, stride, args.temporal_upsample,
                memory_options(args), fps=args.fps or d.fps * args.temporal_upsample)
 
 
 def _condition(args: argparse.Namespace, frames: int, height: int, width: int) -> Optional[FrameCondition]:
+    """The given frames of the clip the first pass samples: `frames` is --frames, or --keyframes for a long
+    video (whose last keyframe is where --last-image goes)."""
     paths, indices = [], []
     if args.condition_frames:
         paths, indices = list(args.condition_frames), list(range(len(args.condition_frames)))
@@ -167,7 +178,7 @@ def run(pipeline: STIVPipeline, job: Job, *, progress: bool = True) -> torch.Ten
 
 def prepare(model_path: Path, job: Job) -> tuple[STIVPipeline, Job]:
     """Load on the CPU, then quantize / plan / swap / move per the job's memory options."""
-    pipeline = load_pipeline(model_path, dtype=torch.float32)
+    pipeline = load_pipeline(model_path, dtype=LOAD_DTYPE)
     handle = apply_memory_options(pipeline.model, job.memory, shape=run_shape(job, pipeline.vae.spatial_factor),
                                   vae=PIXEL_VAE)
     pipeline.text_encoder.to(handle.device)

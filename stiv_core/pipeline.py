@@ -148,7 +148,7 @@ def long_video_latents(pipeline: STIVPipeline, request: GenerationRequest, *, ke
     """
     if keyframes < 2:
         raise ValueError(f"a long video needs at least 2 keyframes, got {keyframes}")
-    check_long_video(pipeline, keyframes, stride)
+    check_long_video(pipeline.model.config.temporal_patch, keyframes, stride)
     keys = pipeline.sample_latents(replace(request, num_frames=keyframes, frame_stride=stride), callback=callback)
     return interpolate_keyframes(pipeline, request, keys, stride=stride, callback=callback)
 
@@ -159,7 +159,7 @@ def interpolate_keyframes(pipeline: STIVPipeline, request: GenerationRequest, ke
 
     Each pair is one interpolation window of `stride + 1` frames; windows share their boundary frames.
     """
-    check_long_video(pipeline, None, stride)
+    check_long_video(pipeline.model.config.temporal_patch, None, stride)
     windows = [keys[:, :, :1]]
     for i in range(keys.shape[2] - 1):
         window_request = replace(request, num_frames=stride + 1, frame_stride=1, seed=request.seed + 1 + i,
@@ -170,14 +170,16 @@ def interpolate_keyframes(pipeline: STIVPipeline, request: GenerationRequest, ke
     return torch.cat(windows, dim=2)
 
 
-def check_long_video(pipeline: STIVPipeline, keyframes: Optional[int], stride: int) -> None:
-    """Keyframe counts and strides the temporal patch can take (clear errors otherwise)."""
+def check_long_video(pt: int, keyframes: Optional[int], stride: int) -> None:
+    """Keyframe counts and strides a model with temporal patch `pt` can take (clear errors otherwise)."""
     if stride < 1:
         raise ValueError(f"keyframe stride must be >= 1, got {stride}")
-    pt = pipeline.model.config.temporal_patch
     if (keyframes is not None and keyframes % pt) or (stride + 1) % pt:
         raise ValueError(f"with temporal patch {pt}, the keyframe count ({keyframes}) and stride + 1 "
                          f"({stride + 1}, the frames of each interpolated window) must be multiples of {pt}")
+
+
+TUP_SEED_OFFSET = 1_000_003  # temporal-upsampling windows draw noise apart from every other pass
 
 
 def temporal_upsample_latents(pipeline: STIVPipeline, request: GenerationRequest, latents: torch.Tensor, *,
@@ -186,16 +188,19 @@ def temporal_upsample_latents(pipeline: STIVPipeline, request: GenerationRequest
 
     The given frames stay exactly at the even indices; every odd frame is in-filled by the keyframe
     plan at stride 2, in windows of `request.num_frames` (even) frames that overlap by two, so every new
-    frame is made with both of its neighbours in view. Window i uses seed `request.seed + i`.
+    frame is made with both of its neighbours in view. Window i uses seed `request.seed + TUP_SEED_OFFSET + i`,
+    so its noise never repeats the base pass's (seed) or a long video's windows (seed + 1 + i).
     """
     t = latents.shape[2]
+    if t < 2:
+        raise ValueError(f"temporal upsampling needs a video of at least 2 frames, got {t}")
     length = 2 * t - 1
     pt = pipeline.model.config.temporal_patch
     window = min(request.num_frames, length + 1)
     window -= window % 2
-    if window < 2 or window % pt:
-        raise ValueError(f"temporal upsampling needs an even window that is a multiple of the temporal patch "
-                         f"{pt}; got {request.num_frames} frames for a {t}-frame video")
+    if window < 4 or window % pt:
+        raise ValueError(f"temporal upsampling needs an even window of at least 4 frames that is a multiple of "
+                         f"the temporal patch {pt}; got {request.num_frames} frames for a {t}-frame video")
     starts = list(range(0, length - 1 - (window - 2), window - 2)) or [0]
     if starts[-1] + window - 2 < length - 1:
         starts.append(length - 1 - (window - 2))  # the last window ends on the last given frame
@@ -203,7 +208,8 @@ def temporal_upsample_latents(pipeline: STIVPipeline, request: GenerationRequest
     for i, start in enumerate(starts):
         keys = latents[:, :, start // 2 : start // 2 + window // 2]
         plan = FrameReplacementPlan.keyframes(keys, window, stride=2)
-        out = pipeline.sample_latents(replace(request, num_frames=window, condition=None, seed=request.seed + i),
+        out = pipeline.sample_latents(replace(request, num_frames=window, condition=None,
+                                              seed=request.seed + TUP_SEED_OFFSET + i),
                                       plan=plan, callback=callback)
         end = length if i == len(starts) - 1 else start + window - 2
         pieces.append(out[:, :, done - start : end - start])

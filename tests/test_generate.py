@@ -70,12 +70,39 @@ def test_ti2v_keeps_the_image_and_long_video_and_upsampling_have_their_lengths(b
     assert len(list((tmp_path / "long").glob("*.png"))) == 2 * ((2 - 1) * 3 + 1) - 1
 
 
+def test_a_long_videos_last_image_is_its_last_keyframe(bundle, tmp_path):
+    # the condition belongs to the keyframe pass: --last-image goes to keyframe K-1, the video's last frame
+    path, *_ = bundle
+    last = render(ShapeParams("square", "red", "blue", "up"), 1, 16, 16)[:, 0]
+    image = ((last.permute(1, 2, 0) + 1) * 127.5).round().byte().numpy()
+    Image.fromarray(image).save(tmp_path / "last.png")
+    assert run(["--model", path, "--prompt", "a red square", "--last-image", tmp_path / "last.png",
+                "--frames", 2, "--keyframes", 4, "--keyframe-stride", 3, "--out", tmp_path / "long"]) == 0
+    frames = sorted((tmp_path / "long").glob("*.png"))
+    assert len(frames) == (4 - 1) * 3 + 1
+    assert np.array_equal(np.asarray(Image.open(frames[-1])), image)
+    assert not np.array_equal(np.asarray(Image.open(frames[3 * 3 - 3])), image)
+
+
+def test_the_plan_covers_a_long_videos_keyframe_pass(bundle):
+    path, *_ = bundle
+    args = cli.build_parser().parse_args(["--prompt", "red", "--out", "x.gif", "--frames", "4", "--keyframes", "8",
+                                          "--keyframe-stride", "3"])
+    assert cli.run_shape(cli.make_job(args, path), 1).frames == 8       # keyframes > --frames
+    args = cli.build_parser().parse_args(["--prompt", "red", "--out", "x.gif", "--frames", "4", "--keyframes", "2",
+                                          "--keyframe-stride", "7"])
+    assert cli.run_shape(cli.make_job(args, path), 1).frames == 8       # an interpolation window of stride + 1
+
+
 @pytest.mark.parametrize("extra,message", [
     (["--out", "x.avi"], "supported outputs"),
     (["--keyframes", "1"], "at least 2 keyframes"),
     (["--image", "missing.png"], "no such file"),
     (["--frames", "5"], "multiple of 2"),
     (["--height", "18"], "multiples of 4"),
+    (["--keyframes", "3"], "must be multiples of 2"),                       # before the model loads
+    (["--image", "a.png", "--condition-frames", "b.png"], "a task of its own"),
+    (["--keyframes", "4", "--condition-frames", "b.png"], "a stride apart"),
 ])
 def test_bad_input_is_a_clear_error_not_a_traceback(bundle, tmp_path, capsys, extra, message):
     path, *_ = bundle
@@ -117,7 +144,7 @@ def test_swapped_and_resident_runs_make_the_same_video(bundle, tmp_path):
         assert run(["--model", path, "--prompt", "a red circle", "--out", tmp_path / name, *extra]) == 0
     a = [np.asarray(Image.open(p)) for p in sorted((tmp_path / "resident").glob("*.png"))]
     b = [np.asarray(Image.open(p)) for p in sorted((tmp_path / "swapped").glob("*.png"))]
-    assert all(np.array_equal(x, y) for x, y in zip(a, b))
+    assert len(a) == len(b) == 4 and all(np.array_equal(x, y) for x, y in zip(a, b))
 
 
 def test_a_run_that_cannot_fit_says_so(bundle, tmp_path, capsys, monkeypatch):

@@ -115,6 +115,14 @@ def test_temporal_upsample_refuses_a_window_the_patch_cannot_take():
         temporal_upsample_latents(pipe, request(num_frames=6), torch.randn(1, 12, 5, 4, 4))
 
 
+def test_temporal_upsample_refuses_a_single_frame_and_a_two_frame_window():
+    pipe = tiny_pipeline()
+    with pytest.raises(ValueError, match="at least 2 frames"):
+        temporal_upsample_latents(pipe, request(num_frames=6), torch.randn(1, 12, 1, 4, 4))
+    with pytest.raises(ValueError, match="at least 4 frames"):
+        temporal_upsample_latents(pipe, request(num_frames=2), torch.randn(1, 12, 3, 4, 4))
+
+
 def test_keyframes_then_interpolation_as_two_passes_equals_the_long_video():
     pipe = tiny_pipeline()
     keys = pipe.sample_latents(request(num_frames=4, frame_stride=3))
