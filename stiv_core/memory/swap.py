@@ -138,6 +138,10 @@ class BlockSwapper:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        if self._copy_stream is not None:
+            # the last block prefetched the first: that copy may still be writing into a ring buffer,
+            # which must not go back to the allocator (and be reused) before it is done
+            self._copy_stream.synchronize()
         self._slots.clear()
         self._slot_of.clear()
 
