@@ -75,6 +75,27 @@ class TestRoundTrip:
         absmax = q.weight_absmax.repeat_interleave(64).view_as(w)
         assert ((back - w).abs() <= half_gap * absmax * (1 + 1e-3) + 1e-7).all()
 
+    def test_fp16_dequantization_keeps_small_scales(self):
+        w = _wide_range()
+        q, scale = quantize_fp8(w, E4, ScaleGranularity.CHANNEL)
+        exact = dequantize_fp8(q, scale, torch.float32)
+        small = slice(0, 8)  # rows ~1e-4: scales ~2e-7, a float16 subnormal
+        half = dequantize_fp8(q, scale, torch.float16).float()
+        torch.testing.assert_close(half[small], exact[small].half().float())
+
+    def test_int8_forward_takes_activations_beyond_float16(self):
+        torch.manual_seed(0)
+        layer = nn.Linear(128, 64)
+        x = torch.randn(3, 128)
+        x[1] *= 1e6                       # 1e6 > float16's 65504: would be inf without the row scaling
+        expected = layer(x)
+        q = bnb_mod.bnb_factory(QuantConfig(QuantMode.INT8))(layer)
+        out = q(x)
+        assert torch.isfinite(out).all()
+        for row in range(3):
+            error = (out[row] - expected[row]).norm() / expected[row].norm()
+            assert error < 0.02, (row, error)
+
     def test_int8_within_half_step(self):
         w = _wide_range(2)
         layer = nn.Linear(128, 64, bias=False)

@@ -63,6 +63,9 @@ def require_bnb(device: torch.device | str) -> None:
                                       f"extra package.")
 
 
+FP16_SAFE = 16384.0   # largest row absmax handed to bitsandbytes' float16 quantizer (float16 max is 65504)
+
+
 class Int8Linear(nn.Module):
     """LLM.int8-style Linear: int8 weight with one float32 absmax scale per output row.
 
@@ -81,11 +84,15 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         import bitsandbytes.functional as bf
 
-        rows = x.reshape(-1, x.shape[-1])
-        qx, x_scale, _ = bf.int8_vectorwise_quant(rows.to(torch.float16))
+        rows = x.reshape(-1, x.shape[-1]).float()
+        # bitsandbytes quantizes float16 rows: a row beyond float16's range (bf16 / float32 activations) is
+        # divided down first and its output multiplied back (row-wise quantization is scale-invariant)
+        down = (rows.abs().amax(dim=1, keepdim=True) / FP16_SAFE).clamp_min(1.0)
+        qx, x_scale, _ = bf.int8_vectorwise_quant((rows / down).to(torch.float16))
         acc = bf.int8_linear_matmul(qx, self.weight)
-        bias = None if self.bias is None else self.bias.to(torch.float16)
-        y = bf.int8_mm_dequant(acc, x_scale, self.weight_scale, bias=bias)
+        y = bf.int8_mm_dequant(acc, x_scale, self.weight_scale).float() * down
+        if self.bias is not None:
+            y = y + self.bias.float()
         return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:

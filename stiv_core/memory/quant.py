@@ -125,8 +125,10 @@ def dequantize_fp8(q: torch.Tensor, scale: Optional[torch.Tensor], dtype: torch.
         return q.to(dtype)
     out_f, in_f = q.shape
     groups = scale.shape[1]
-    w = q.to(dtype).view(out_f, groups, in_f // groups) * scale.to(dtype)[..., None]
-    return w.view(out_f, in_f)
+    # float16 would flush small scales (amax / 448 below 6e-5) to subnormals: multiply in float32 there
+    compute = torch.float32 if dtype == torch.float16 else dtype
+    w = q.to(compute).view(out_f, groups, in_f // groups) * scale.to(compute)[..., None]
+    return w.view(out_f, in_f).to(dtype)
 
 
 def _check_block(in_features: int, block_size: int) -> None:
