@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -98,6 +99,19 @@ class TestChoice:
     def test_describe_says_what_it_decided(self):
         text = plan_memory(preset("M"), S512, Budget(2 * GiB, 64 * GiB)).describe()
         assert "DOES NOT FIT" in text and "swap traffic" in text and "VAE decode" in text
+
+
+class TestBudget:
+    def test_whole_device_is_the_device_total_not_what_is_free_now(self, monkeypatch):
+        """A plan made while models are loaded (the Loader's own weights among them) must not count them:
+        the whole device, and the host RAM available now."""
+        import psutil
+
+        monkeypatch.setattr(psutil, "virtual_memory", lambda: SimpleNamespace(total=64 * GiB, available=40 * GiB))
+        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (3 * GiB, 24 * GiB))
+        assert Budget.whole_device("cuda:0") == Budget(24 * GiB, 40 * GiB, "cuda")
+        assert Budget.probe("cuda:0") == Budget(3 * GiB, 40 * GiB, "cuda")
+        assert Budget.whole_device("cpu") == Budget(64 * GiB, 40 * GiB, "cpu")
 
 
 _MEASURE = textwrap.dedent("""

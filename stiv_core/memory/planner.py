@@ -60,7 +60,8 @@ class VAEProfile:
 
 @dataclass(frozen=True)
 class Budget:
-    """Free bytes on the device (after anything else already there) and in host RAM."""
+    """Free bytes on the device and in host RAM: what `probe` measures now (after anything else already
+    there), or what `whole_device` assumes (the device as if nothing else were on it)."""
 
     device_free: int
     ram_free: int
@@ -76,6 +77,20 @@ class Budget:
             free, _ = torch.cuda.mem_get_info(device)
             return cls(free, ram, "cuda")
         return cls(ram, ram, device.type)
+
+    @classmethod
+    def whole_device(cls, device: torch.device | str) -> Budget:
+        """All of the device's memory and the host RAM available now: the budget of a run that frees the
+        device's other models first (a plan made while they, or this model's own weights, are loaded would
+        otherwise count them against it). On the CPU the device is the host RAM: all of it."""
+        import psutil
+
+        device = torch.device(device)
+        ram = psutil.virtual_memory()
+        if device.type == "cuda":
+            _, total = torch.cuda.mem_get_info(device)
+            return cls(total, ram.available, "cuda")
+        return cls(ram.total, ram.available, device.type)
 
     @property
     def workspace(self) -> int:
