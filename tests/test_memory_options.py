@@ -98,3 +98,29 @@ def test_bad_choices_list_what_is_allowed():
     with pytest.raises(ValueError):
         MemoryOptions(quant="int4")
     assert MemoryOptions(block_swap="7").block_swap == 7
+
+
+def test_offload_is_a_no_op_on_the_cpu_and_tracks_state(make_model, make_inputs, tiny_config):
+    model = make_model(depth=2)
+    inputs = make_inputs(tiny_config)
+    expected = _run(model, inputs)
+    handle = apply_memory_options(model, MemoryOptions(**CPU))
+    handle.offload()
+    assert not handle.offloaded   # the CPU is where the weights live anyway
+    handle.load()
+    assert torch.equal(_run(model, inputs), expected)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("swap", [0, 1])
+def test_offload_leaves_nothing_on_the_gpu_and_load_restores(make_model, make_inputs, tiny_config, swap):
+    model = make_model(depth=3)
+    inputs = make_inputs(tiny_config)
+    expected = _run(copy.deepcopy(model), inputs)
+    handle = apply_memory_options(model, MemoryOptions(block_swap=swap, device="cuda"))
+    handle.offload()
+    assert handle.offloaded and all(t.device.type == "cpu" for t in [*model.parameters(), *model.buffers()])
+    handle.load()
+    out = _run(model, {k: v.cuda() for k, v in inputs.items()})
+    torch.testing.assert_close(out.cpu(), expected, rtol=1e-4, atol=1e-4)

@@ -148,6 +148,20 @@ class TestErrors:
         with pytest.raises(ValueError, match="identical"):
             BlockSwapper(model, 2, device=DEVICE).attach()
 
+    def test_park_frees_the_ring_and_unpark_runs_the_same(self, make_model, make_inputs, tiny_config):
+        # between runs (nodes offload the model): no ring buffers held; after unpark the output is identical
+        model = make_model(depth=4)
+        inputs = make_inputs(tiny_config)
+        expected = _forward(model, inputs)
+        swapper = BlockSwapper(model, 3, device=DEVICE, prefetch=1).attach()
+        assert torch.equal(_forward(model, inputs), expected)
+        swapper.park()
+        assert swapper._slots == [] and swapper._slot_of == {}
+        swapper.unpark()
+        assert len(swapper._slots) == swapper.ring_size
+        for _ in range(2):
+            assert torch.equal(_forward(model, inputs), expected)
+
     @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on machines without CUDA")
     def test_cuda_missing_is_a_clear_error(self, make_model):
         with pytest.raises(RuntimeError, match="needs CUDA"):
@@ -169,3 +183,8 @@ class TestCuda:
         for _ in range(3):
             assert torch.equal(_forward(model, inputs), expected)
         assert all(p.device.type == "cpu" for b in swappable_blocks(model)[1:] for p in b.parameters())
+        swapper.park()   # between runs: nothing of the model left on the GPU
+        assert all(t.device.type == "cpu" for t in [*model.parameters(), *model.buffers()])
+        swapper.unpark()
+        assert model.patch_embed.weight.device.type == "cuda"
+        assert torch.equal(_forward(model, inputs), expected)

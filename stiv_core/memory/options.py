@@ -63,6 +63,28 @@ class MemoryHandle:
     report: QuantReport
     notes: list[str] = field(default_factory=list)
 
+    offloaded: bool = False
+
+    def offload(self) -> None:
+        """Between runs: free the device. Resident weights (and a swap ring) go to the CPU; no-op on the CPU."""
+        if self.offloaded or self.device.type == "cpu":
+            return
+        if self.swapper is not None:
+            self.swapper.park()
+        else:
+            self.model.to("cpu")
+        self.offloaded = True
+
+    def load(self) -> None:
+        """Before a run: undo `offload` (weights back on the device)."""
+        if not self.offloaded:
+            return
+        if self.swapper is not None:
+            self.swapper.unpark()
+        else:
+            self.model.to(self.device)
+        self.offloaded = False
+
     def remove(self) -> None:
         """Take the block-swap hooks off (quantization and compilation stay: they were load-time)."""
         if self.swapper is not None:

@@ -97,10 +97,7 @@ class BlockSwapper:
             raise RuntimeError("this BlockSwapper is already attached")
         if self._cuda and not torch.cuda.is_available():
             raise RuntimeError(f"block swap to {self.device} needs CUDA, which is not available here")
-        streamed_ids = {id(t) for b in self.streamed for _, t in _block_tensors(b)}
-        for tensor in [*self.model.parameters(), *self.model.buffers()]:
-            if id(tensor) not in streamed_ids:
-                tensor.data = tensor.data.to(self.device)
+        self._move_resident(self.device)
         signature = None
         for j, block in enumerate(self.streamed):
             named = _block_tensors(block)
@@ -117,6 +114,35 @@ class BlockSwapper:
         if self.streamed:
             self._allocate_ring()
         return self
+
+    def _move_resident(self, device: torch.device) -> None:
+        """Everything but the streamed blocks' tensors to `device`."""
+        streamed_ids = {id(t) for b in self.streamed for _, t in _block_tensors(b)}
+        for tensor in [*self.model.parameters(), *self.model.buffers()]:
+            if id(tensor) not in streamed_ids:
+                tensor.data = tensor.data.to(device)
+
+    @torch.no_grad()
+    def park(self) -> None:
+        """Between runs: the ring freed and the resident tensors moved to the CPU (hooks stay on)."""
+        self._release_ring()
+        self._move_resident(torch.device("cpu"))
+
+    @torch.no_grad()
+    def unpark(self) -> None:
+        """Undo `park`: the resident tensors back on the device and a fresh ring."""
+        self._move_resident(self.device)
+        if self.streamed and not self._slots:
+            self._allocate_ring()
+
+    def _release_ring(self) -> None:
+        if self._copy_stream is not None:
+            # the last block prefetched the first: that copy may still be writing into a ring buffer,
+            # which must not go back to the allocator (and be reused) before it is done
+            self._copy_stream.synchronize()
+        self._slots.clear()
+        self._slot_of.clear()
+        self._next_slot = 0
 
     def _make_master(self, tensor: torch.Tensor) -> torch.Tensor:
         master = tensor.data.to("cpu")
@@ -138,12 +164,7 @@ class BlockSwapper:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
-        if self._copy_stream is not None:
-            # the last block prefetched the first: that copy may still be writing into a ring buffer,
-            # which must not go back to the allocator (and be reused) before it is done
-            self._copy_stream.synchronize()
-        self._slots.clear()
-        self._slot_of.clear()
+        self._release_ring()
 
     def _load(self, j: int) -> _Slot:
         """Issue the copy of streamed block j into the oldest ring buffer (aliasing: point it at the master)."""
