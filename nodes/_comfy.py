@@ -52,6 +52,29 @@ def free_memory() -> None:
         torch.cuda.empty_cache()
 
 
+def make_room(device: torch.device, needed_bytes: int) -> None:
+    """Before STIV's weights go on `device`: ask ComfyUI to unload its models (CLIP, VAE, other diffusion
+    models) until `needed_bytes` are free. Outside ComfyUI there is nothing else to unload."""
+    mm = _comfy("comfy.model_management")
+    if mm is not None and device.type != "cpu":
+        mm.free_memory(needed_bytes + mm.extra_reserved_memory(), device)
+
+
+def preferred_dtype(device: torch.device) -> torch.dtype:
+    """The weight dtype for 'auto': ComfyUI's choice for the device (bfloat16 where it is fast, else
+    float16, else float32); outside ComfyUI float32 on the CPU, bfloat16 on a GPU that has it, else float16."""
+    mm = _comfy("comfy.model_management")
+    if device.type == "cpu":
+        return torch.float32
+    if mm is not None:
+        if mm.should_use_bf16(device):
+            return torch.bfloat16
+        return torch.float16 if mm.should_use_fp16(device) else torch.float32
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float16
+
+
 # -- interrupt ----------------------------------------------------------------------------------
 class Interrupted(Exception):
     """Raised outside ComfyUI when a run was interrupted (ComfyUI's own exception inside it)."""
@@ -100,6 +123,19 @@ class LogProgressBar:
 def progress_bar(total: int) -> Any:
     utils = _comfy("comfy.utils")
     return utils.ProgressBar(total) if utils is not None else LogProgressBar(total)
+
+
+def preview_max_size() -> Optional[int]:
+    """The largest preview side ComfyUI sends (--preview-size), or None when previews are off
+    (--preview-method none, ComfyUI's default). Outside ComfyUI: 512."""
+    cli = _comfy("comfy.cli_args")
+    if cli is None:
+        return 512
+    args = cli.args
+    method = getattr(args, "preview_method", None)
+    if str(getattr(method, "value", method)).lower() == "none":
+        return None
+    return int(getattr(args, "preview_size", 512))
 
 
 def preview_payload(image: Any, max_size: int = 512) -> tuple[str, Any, int]:

@@ -33,11 +33,9 @@ def model_ref(choice: str) -> str:
 
 
 def resolve_dtype(choice: str, device: torch.device) -> torch.dtype:
-    """'auto' is float32 on the CPU and bfloat16 on an accelerator."""
+    """'auto' is float32 on the CPU, else what ComfyUI prefers for the device (bfloat16 where supported)."""
     dtype = DTYPES[choice]
-    if dtype is None:
-        return torch.float32 if device.type == "cpu" else torch.bfloat16
-    return dtype
+    return _comfy.preferred_dtype(device) if dtype is None else dtype
 
 
 def open_pipeline(path, dtype: torch.dtype) -> STIVPipeline:
@@ -60,7 +58,8 @@ class STIVLoader:
     def INPUT_TYPES(cls):
         return {"required": {
             "model_name": (model_choices(), {"tooltip": "models/stiv or models/diffusion_models, or the built-in"}),
-            "weight_dtype": (list(DTYPES), {"default": "auto", "tooltip": "auto: float32 on CPU, bfloat16 on GPU"}),
+            "weight_dtype": (list(DTYPES), {"default": "auto", "tooltip": "auto: float32 on CPU, else ComfyUI's "
+                                                                          "choice (bfloat16 where supported)"}),
             "quantization": ([q.value for q in QuantMode], {"default": "none",
                                                             "tooltip": "weights of the blocks; int8/nf4 need "
                                                                        "bitsandbytes (else fp8-scaled, logged)"}),
@@ -82,7 +81,7 @@ class STIVLoader:
             options = MemoryOptions(quant=quantization, attention=attention, block_swap=block_swap,
                                     compile=compile, device=str(device))
             handle = apply_memory_options(pipeline.model, options)
-            pipeline.text_encoder.to(handle.device)
+            handle.offload()   # on the device only while it samples (nodes/run.py: on_device)
             defaults = load_defaults(path)
         except (CheckpointError, FileNotFoundError, ValueError, WontFitError) as err:
             message = f"STIV Loader: cannot load {model_name!r}: {err}"

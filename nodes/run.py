@@ -2,13 +2,14 @@
 a latent preview each step, interrupt between steps (memory freed) and readable errors."""
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 from PIL import Image
 
-from ..stiv_core.memory import WontFitError
+from ..stiv_core.memory import Budget, RunShape, WontFitError, plan_memory
 from ..stiv_core.pipeline import FrameCondition, GenerationRequest, STIVPipeline
 from ..stiv_core.sampling import GenerationCancelled, GuidanceConfig, GuidanceMode, SamplerConfig, StepInfo, Stepper
 from ..stiv_core.sampling.sampler import StepCallback
@@ -60,6 +61,13 @@ class SamplingSettings:
                                   renormalize=self.renormalize)
         return SamplerConfig(steps=self.steps, shift=self.shift, stepper=self.stepper, guidance=guidance)
 
+    def run_shape(self, frames: int, vae_factor: int) -> RunShape:
+        """A sampling pass of `frames` frames at these settings, in latent units (for the planner)."""
+        config = self.sampler_config()   # bad settings: its ValueError
+        return RunShape.from_pixels(frames, self.height, self.width, vae_factor=vae_factor,
+                                    guidance=config.guidance.mode,
+                                    forwards_per_step=2 if config.stepper is Stepper.HEUN else 1)
+
     def request(self, cond: STIVConditioning, num_frames: int, *, frame_stride: int = 1) -> GenerationRequest:
         """The pipeline's request; the condition images are placed for `num_frames` frames."""
         frames: Optional[FrameCondition] = None
@@ -68,6 +76,37 @@ class SamplingSettings:
         return GenerationRequest(cond.prompt, num_frames, self.height, self.width, seed=self.seed,
                                  sampler=self.sampler_config(), condition=frames,
                                  negative_prompt=cond.negative_prompt, frame_stride=frame_stride)
+
+
+UNBOUNDED = 1 << 62
+
+
+def needed_bytes(model: STIVModel, shape: RunShape) -> int:
+    """Device memory a run of `shape` needs with the model as loaded (weights, ring, activations)."""
+    handle, net = model.memory, model.pipeline.model
+    swap = len(handle.swapper.streamed) if handle.swapper is not None else 0
+    dtype = net.patch_embed.weight.dtype
+    return plan_memory(net.config, shape, Budget(UNBOUNDED, UNBOUNDED, handle.device.type), quant=handle.quant,
+                       dtype=dtype, blocks_to_swap=swap).peak_bytes
+
+
+@contextmanager
+def on_device(model: STIVModel, shape: RunShape) -> Iterator[None]:
+    """The model's weights (and its own text encoder) on the device for one run, then back on the CPU, so
+    between runs STIV holds no VRAM that ComfyUI cannot take back; before loading, ComfyUI is asked to
+    unload its own models until the run fits."""
+    handle = model.memory
+    if handle is None or handle.device.type == "cpu":
+        yield
+        return
+    _comfy.make_room(handle.device, needed_bytes(model, shape))
+    handle.load()
+    model.pipeline.text_encoder.to(handle.device)
+    try:
+        yield
+    finally:
+        handle.offload()
+        model.pipeline.text_encoder.to("cpu")
 
 
 def preview_image(pipeline: STIVPipeline, denoised: torch.Tensor) -> Image.Image:
@@ -80,28 +119,33 @@ def preview_image(pipeline: STIVPipeline, denoised: torch.Tensor) -> Image.Image
 
 
 def run_sampling(model: STIVModel, conditioning: STIVConditioning, total_steps: int, node: str,
-                 work: Callable[[STIVPipeline, StepCallback], torch.Tensor]) -> dict:
+                 work: Callable[[STIVPipeline, StepCallback], torch.Tensor],
+                 shape: Callable[[], RunShape]) -> dict:
     """`work(pipeline, callback)` -> latents, as a LATENT, with the model's pipeline as the conditioning
-    makes it (a ComfyUI CLIP's prompts, a ComfyUI VAE); interrupt raises ComfyUI's interrupt, bad input a
-    STIVInputError naming the node. Either way the run's memory is released before raising."""
+    makes it (a ComfyUI CLIP's prompts, a ComfyUI VAE) and its weights on the device for the run (`shape()`:
+    its largest pass, to make room for; a bad setting raises there); interrupt raises ComfyUI's interrupt, bad input a STIVInputError
+    naming the node. Either way the run's memory is released before raising."""
     try:
         pipeline = conditioning.pipeline_for(model)
     except ValueError as err:
         raise STIVInputError(f"{node}: {err}") from None
     bar, done = _comfy.progress_bar(total_steps), 0
+    # previews as ComfyUI is set (off by default); a bare model without a ComfyUI VAE has no decoder
+    preview_size = None if isinstance(pipeline.vae, RecordedVAE) else _comfy.preview_max_size()
 
     def on_step(info: StepInfo) -> bool:
         nonlocal done
         if _comfy.interrupt_requested():
             return False
         done += 1
-        # a bare model sampled without a ComfyUI VAE has no decoder: no preview
-        preview = None if isinstance(pipeline.vae, RecordedVAE) else preview_image(pipeline, info.denoised)
-        bar.update_absolute(done, total_steps, None if preview is None else _comfy.preview_payload(preview))
+        preview = None if preview_size is None else preview_image(pipeline, info.denoised)
+        bar.update_absolute(done, total_steps,
+                            None if preview is None else _comfy.preview_payload(preview, preview_size))
         return True
 
     try:
-        return {"samples": work(pipeline, on_step).cpu()}
+        with on_device(model, shape()):
+            return {"samples": work(pipeline, on_step).cpu()}
     except GenerationCancelled:
         failure = None
     except (ValueError, WontFitError) as err:

@@ -37,7 +37,8 @@ class STIVSampler:
             request = s.request(conditioning, frames, frame_stride=frame_stride)
             return pipeline.sample_latents(request, callback=callback)
 
-        return (run_sampling(model, conditioning, s.steps, "STIV Sampler", work),)
+        shape = lambda: s.run_shape(frames, model.pipeline.vae.spatial_factor)
+        return (run_sampling(model, conditioning, s.steps, "STIV Sampler", work, shape),)
 
 
 class STIVKeyframeInterpolate:
@@ -71,7 +72,9 @@ class STIVKeyframeInterpolate:
             return long_video_latents(pipeline, request, keyframes=keyframes, stride=keyframe_stride,
                                       callback=callback)
 
-        return (run_sampling(model, conditioning, s.steps * keyframes, "STIV Keyframe -> Interpolate", work),)
+        shape = lambda: s.run_shape(max(keyframes, keyframe_stride + 1), model.pipeline.vae.spatial_factor)
+        return (run_sampling(model, conditioning, s.steps * keyframes, "STIV Keyframe -> Interpolate", work,
+                             shape),)
 
 
 class STIVInterpolateKeyframes:
@@ -110,8 +113,9 @@ class STIVInterpolateKeyframes:
             return interpolate_keyframes(pipeline, request, keys.to(pipeline.device), stride=keyframe_stride,
                                          callback=callback)
 
+        shape = lambda: s.run_shape(keyframe_stride + 1, factor)
         return (run_sampling(model, conditioning, s.steps * (keys.shape[2] - 1), "STIV Interpolate Keyframes",
-                             work),)
+                             work, shape),)
 
 
 def keyframe_latents(model: STIVModel, latent: dict) -> torch.Tensor:
@@ -122,6 +126,9 @@ def keyframe_latents(model: STIVModel, latent: dict) -> torch.Tensor:
         shape = tuple(samples.shape) if isinstance(samples, torch.Tensor) else type(samples).__name__
         raise STIVInputError(f"STIV Interpolate Keyframes: expected keyframe latents (B, {channels}, K, h, w) "
                              f"from a STIV Sampler run with this model, got {shape}")
+    if samples.shape[0] != 1:
+        raise STIVInputError(f"STIV Interpolate Keyframes: takes one video's keyframes (batch 1), got a batch of "
+                             f"{samples.shape[0]}; split the batch (e.g. Latent From Batch) first")
     if samples.shape[2] < 2:
         raise STIVInputError(f"STIV Interpolate Keyframes: needs at least 2 keyframes to interpolate between, "
                              f"got {samples.shape[2]}; sample more frames in the keyframe pass")
