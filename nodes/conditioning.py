@@ -81,7 +81,10 @@ class STIVImageCondition:
     def condition(self, conditioning: STIVConditioning, images: torch.Tensor, frames: str,
                   keyframe_stride: int, last_image: Optional[torch.Tensor] = None, vae: Any = None):
         pixels = image_to_pixels(images)
-        if last_image is not None and frames == FramePosition.FIRST_LAST.value:
+        if last_image is not None and frames != FramePosition.FIRST_LAST.value:
+            raise STIVInputError(f"STIV Image Condition: last_image is connected but frames is {frames!r}; pick "
+                                 f"'{FramePosition.FIRST_LAST.value}' to use it, or disconnect it")
+        if last_image is not None:
             last = image_to_pixels(last_image)
             if last.shape[-2:] != pixels.shape[-2:]:
                 raise STIVInputError(f"STIV Image Condition: the first image is {pixels.shape[-1]}x"

@@ -5,6 +5,7 @@ from typing import Any
 
 import torch
 
+from . import _comfy
 from .comfy_adapters import RecordedVAE, with_comfy_vae
 from .types import STIVInputError, STIVModel, video_to_image
 
@@ -42,5 +43,13 @@ class STIVDecode:
             shape = tuple(samples.shape) if isinstance(samples, torch.Tensor) else type(samples).__name__
             raise STIVInputError(f"STIV Decode: expected STIV video latents (B, {channels}, T, h, w) from a STIV "
                                  f"sampler, got {shape}; image latents from other models cannot be decoded here")
-        pixels = pipeline.decode(samples.to(pipeline.device), chunk_frames=chunk_frames)
+        chunks = -(-samples.shape[2] // chunk_frames)
+        bar = _comfy.progress_bar(chunks)
+
+        def on_chunk(done: int, total: int) -> None:
+            bar.update_absolute(done, total)
+            if done < total and _comfy.interrupt_requested():
+                _comfy.raise_interrupted()
+
+        pixels = pipeline.decode(samples.to(pipeline.device), chunk_frames=chunk_frames, on_chunk=on_chunk)
         return (video_to_image(pixels),)

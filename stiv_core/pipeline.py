@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field, replace
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -113,10 +113,16 @@ class STIVPipeline:
         return sample(self.model, seeded_noise(shape, request.seed), inputs, request.sampler, callback=callback)
 
     @torch.inference_mode()
-    def decode(self, latents: torch.Tensor, *, chunk_frames: int = 16) -> torch.Tensor:
-        """Pixels `(B, 3, T, H, W)` in [-1, 1], decoded `chunk_frames` frames at a time."""
-        chunks = [self.vae.decode(latents[:, :, i : i + chunk_frames]).float().clamp(-1, 1).cpu()
-                  for i in range(0, latents.shape[2], chunk_frames)]
+    def decode(self, latents: torch.Tensor, *, chunk_frames: int = 16,
+               on_chunk: Optional[Callable[[int, int], None]] = None) -> torch.Tensor:
+        """Pixels `(B, 3, T, H, W)` in [-1, 1], decoded `chunk_frames` frames at a time; `on_chunk(done,
+        total)` after each chunk (a progress bar; raising in it stops the decode)."""
+        starts = range(0, latents.shape[2], chunk_frames)
+        chunks = []
+        for done, i in enumerate(starts, 1):
+            chunks.append(self.vae.decode(latents[:, :, i : i + chunk_frames]).float().clamp(-1, 1).cpu())
+            if on_chunk is not None:
+                on_chunk(done, len(starts))
         return torch.cat(chunks, dim=2)
 
 

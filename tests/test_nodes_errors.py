@@ -57,6 +57,13 @@ def test_image_batch_that_does_not_match_the_frames(frames, count, message):
         node("STIVImageCondition")(text(), images(count), frames, 1)
 
 
+def test_a_connected_last_image_that_frames_would_ignore():
+    with pytest.raises(Err, match="STIV Image Condition: last_image is connected but frames is 'first'"):
+        node("STIVImageCondition")(text(), images(1), "first", 1, last_image=images(1, seed=1))
+    cond = node("STIVImageCondition")(text(), images(1), "first+last", 1, last_image=images(1, seed=1))[0]
+    assert cond.images.pixels.shape[0] == 2
+
+
 def test_bad_sampler_inputs_then_a_good_run(folder):
     model = load()
     too_many = node("STIVImageCondition")(text(), images(5), "first k", 1)[0]
@@ -90,6 +97,8 @@ def test_interpolate_keyframes_refuses_what_is_not_keyframes_of_this_model_then_
         ({"samples": torch.zeros(1, 4, 2, 8, 8)}, 3, "got \\(1, 4, 2, 8, 8\\)"),
         ({"image": torch.zeros(1, 3, 2, 4, 4)}, 3, "got NoneType"),
         ({"samples": keys["samples"][:, :, :1]}, 3, "needs at least 2 keyframes.*got 1"),
+        ({"samples": keys["samples"].repeat(2, 1, 1, 1, 1)}, 3, "one video's keyframes \\(batch 1\\), got a "
+                                                                  "batch of 2"),
         (keys, 2, "stride \\+ 1 \\(3, the frames of each interpolated window\\) "
                   "must be multiples of 2"),
         ({"samples": torch.zeros(1, 3, 2, 6, 6)}, 3, "6x6 px: width and height "
