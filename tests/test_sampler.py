@@ -56,6 +56,33 @@ def test_given_frames_are_bit_identical_after_sampling(mode, task):
     assert not torch.allclose(out[:, :, generated], clean[:, :, generated])
 
 
+@pytest.mark.parametrize("mode", ["jit", "sit"])
+@pytest.mark.parametrize("stepper", ["euler", "heun"])
+def test_every_model_call_sees_the_clean_given_frames_and_every_step_keeps_their_path(mode, stepper):
+    # the final replacement alone would make the output right: this watches each call and each step
+    pipe = tiny_pipeline()
+    clean, start = noise((2, 12, 6, 4, 4), seed=5), noise((2, 12, 6, 4, 4), seed=6)
+    plan = FrameReplacementPlan.interpolation(clean[:, :, 0], clean[:, :, 5], 6)
+    calls, states = [], []
+    model = FieldModel(lambda x, t: (calls.append((x.clone(), t.clone())), -0.3 * x)[1])
+    config = SamplerConfig(steps=4, stepper=stepper, guidance=GuidanceConfig(mode, scale=3.0, image_scale=2.0))
+    inputs = inputs_for(pipe, ["a red circle", "a cat"], plan)
+    sample(model, start, inputs, config, callback=lambda info: states.append((info.t, info.latents.clone())))
+    passes = config.guidance.passes
+    assert len(calls) == {"euler": 4, "heun": 2 * 4 - 1}[stepper]   # Heun's last step (to t = 1) is Euler
+    for x_in, t in calls:
+        for k, p in enumerate(passes):
+            given = x_in[2 * k : 2 * k + 2][:, :, [0, 5]]
+            if p.drop_image:   # no replacement: the given frames on their noisy path at this call's time
+                expected = t[0] * clean[:, :, [0, 5]] + (1 - t[0]) * start[:, :, [0, 5]]
+                torch.testing.assert_close(given, expected)
+            else:
+                assert torch.equal(given, clean[:, :, [0, 5]])
+    assert [round(t, 6) for t, _ in states][-1] == 1.0 and len(states) == 4
+    for t, latents in states:
+        torch.testing.assert_close(latents[:, :, [0, 5]], t * clean[:, :, [0, 5]] + (1 - t) * start[:, :, [0, 5]])
+
+
 def manual_passes(pipe, inputs, x, t, passes):
     """Each pass as its own forward (no batching), the reference for the batched velocity."""
     model, plan, text = pipe.model, inputs.plan, inputs.text
