@@ -24,12 +24,19 @@ export function hiddenInputs(nodeType, values) {
   return Object.keys(rules).filter((name) => !rules[name](values));
 }
 
+/** The frames of the largest sampling pass: STIV Keyframe Interpolate samples its `keyframes` frames, then
+ * windows of `keyframe_stride + 1` frames between them. */
+function largestPass(nodeType, sampler) {
+  if (nodeType !== "STIVKeyframeInterpolate") return sampler.frames;
+  return Math.max(sampler.keyframes, sampler.keyframe_stride + 1);
+}
+
 /** The query string of GET /stiv/plan, from the sampler's and the loader's widget values; null for a
  * node whose widgets do not say the frames and size (STIV Interpolate Keyframes takes them from its
  * keyframe LATENT), so no plan is asked for rather than one for the wrong shape. */
 export function planQuery(nodeType, sampler, loader) {
   if (nodeType === "STIVInterpolateKeyframes") return null;
-  const frames = nodeType === "STIVKeyframeInterpolate" ? sampler.keyframe_stride + 1 : sampler.frames;
+  const frames = largestPass(nodeType, sampler);
   if (![frames, sampler.width, sampler.height].every(Number.isInteger)) return null;
   const q = {
     model_name: loader.model_name, frames, width: sampler.width, height: sampler.height,

@@ -38,6 +38,9 @@ const out = {
   keyframeQuery: rules.planQuery("STIVKeyframeInterpolate",
                                  {keyframes: 4, keyframe_stride: 5, width: 16, height: 16, guidance: "jit",
                                   stepper: "euler"}, loader),
+  manyKeyframesQuery: rules.planQuery("STIVKeyframeInterpolate",
+                                      {keyframes: 8, keyframe_stride: 3, width: 16, height: 16, guidance: "jit",
+                                       stepper: "euler"}, loader),
 };
 console.log(JSON.stringify(out));
 """
@@ -64,8 +67,13 @@ def test_interpolate_keyframes_hides_like_the_samplers_and_asks_no_plan(js):
     assert js["interpJit"] == ["image_scale"] and js["interpSit"] == []
     assert set(js["interpNone"]) == {"scale", "image_scale", "renormalize"}
     assert js["interpQuery"] is None
+
+
+def test_keyframe_interpolate_plans_its_largest_pass(js):
+    """The keyframe pass samples `keyframes` frames, each window `keyframe_stride + 1`: the larger is planned."""
     from urllib.parse import parse_qs
-    assert parse_qs(js["keyframeQuery"])["frames"] == ["6"]
+    assert parse_qs(js["keyframeQuery"])["frames"] == ["6"]        # 4 keyframes, windows of 5 + 1
+    assert parse_qs(js["manyKeyframesQuery"])["frames"] == ["8"]   # 8 keyframes, windows of 3 + 1
 
 
 def test_every_node_with_guidance_has_the_sampler_rules(js):
