@@ -1,8 +1,9 @@
 // The STIV frontend extension: hides inputs the chosen guidance / frames do not use, and shows on the
-// samplers the plan for the current settings (tokens, passes per step, the memory planner's verdict).
+// samplers the plan for the current settings (tokens, passes per step, the memory planner's verdict),
+// asked again when the sampler's widgets, its connections or its Loader's settings change.
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
-import { RULES, hiddenInputs, planLines, planQuery } from "./stiv_rules.js";
+import { RULES, hiddenInputs, loaderOf, planLines, planQuery, targetsOf } from "./stiv_rules.js";
 
 const values = (node) => Object.fromEntries((node.widgets || []).map((w) => [w.name, w.value]));
 
@@ -26,14 +27,7 @@ function applyRules(node) {
   }
   if (node.comfyClass === "STIVImageCondition") setSocketShown(node, "last_image", "IMAGE", !hidden.has("last_image"));
   node.setSize([node.size[0], node.computeSize()[1] + (node.stivPlan ? node.stivPlan.length * 14 + 8 : 0)]);
-  app.graph?.setDirtyCanvas(true, true);
-}
-
-function loaderOf(node) {
-  const input = (node.inputs || []).find((i) => i.name === "model");
-  const link = input && input.link != null ? app.graph.links[input.link] : null;
-  const origin = link ? app.graph.getNodeById(link.origin_id) : null;
-  return origin && origin.comfyClass === "STIVLoader" ? origin : null;
+  (node.graph ?? app.graph)?.setDirtyCanvas?.(true, true);
 }
 
 async function refreshPlan(node) {
@@ -49,21 +43,38 @@ async function refreshPlan(node) {
   applyRules(node);
 }
 
-function watch(node) {
-  let timer = null;
-  const changed = () => {
-    applyRules(node);
-    clearTimeout(timer);
-    timer = setTimeout(() => refreshPlan(node), 300);
-  };
+function afterWidgetChange(node, names, fn) {
   for (const widget of node.widgets || []) {
+    if (names && !names.includes(widget.name)) continue;
     const callback = widget.callback;
     widget.callback = function (...args) {
       const result = callback?.apply(this, args);
-      changed();
+      fn();
       return result;
     };
   }
+}
+
+// the Loader's widgets that the plan query sends
+const LOADER_PLAN_INPUTS = ["model_name", "weight_dtype", "quantization", "block_swap"];
+
+function watchLoader(loader) {
+  afterWidgetChange(loader, LOADER_PLAN_INPUTS, () => {
+    for (const target of targetsOf(loader)) target.stivPlanSoon?.();
+  });
+}
+
+function watch(node) {
+  let timer = null;
+  node.stivPlanSoon = () => {
+    clearTimeout(timer);
+    timer = setTimeout(() => refreshPlan(node), 300);
+  };
+  const changed = () => {
+    applyRules(node);
+    node.stivPlanSoon();
+  };
+  afterWidgetChange(node, null, changed);
   const onConnectionsChange = node.onConnectionsChange;
   node.onConnectionsChange = function (...args) {
     onConnectionsChange?.apply(this, args);
@@ -88,5 +99,6 @@ app.registerExtension({
   name: "STIV.Nodes",
   nodeCreated(node) {
     if (node.comfyClass in RULES) watch(node);
+    if (node.comfyClass === "STIVLoader") watchLoader(node);
   },
 });

@@ -1,5 +1,6 @@
-// Which inputs each STIV node uses for its current settings, and the plan query for the sampler.
-// Pure functions (no ComfyUI imports), so tests run them under node.js; stiv.js applies them.
+// Which inputs each STIV node uses for its current settings, the plan query for the sampler, and the
+// graph look-ups between samplers and their Loader. Pure functions (no ComfyUI imports), so tests run
+// them under node.js; stiv.js applies them.
 
 const GUIDED = (v) => v.guidance !== "none";
 const SAMPLER_RULES = {
@@ -50,4 +51,29 @@ export function planQuery(nodeType, sampler, loader) {
 export function planLines(answer) {
   if (answer.error) return [`plan: ${answer.error}`];
   return answer.text.split("\n");
+}
+
+/** The link `id` of `graph`: a Map in current frontends, an object indexed by id in older ones. */
+export function linkIn(graph, id) {
+  const links = graph?.links;
+  if (id == null || !links) return null;
+  return (typeof links.get === "function" ? links.get(id) : links[id]) ?? null;
+}
+
+/** The STIV Loader feeding `node`'s model input, looked up in the node's own graph (a subgraph's nodes
+ * are not in the root graph); null when the model comes from anything else. */
+export function loaderOf(node) {
+  const graph = node.graph;
+  const input = (node.inputs || []).find((i) => i.name === "model");
+  const link = input ? linkIn(graph, input.link) : null;
+  const origin = link ? graph.getNodeById(link.origin_id) : null;
+  return origin && origin.comfyClass === "STIVLoader" ? origin : null;
+}
+
+/** The nodes `loader`'s outputs connect to, in its own graph. */
+export function targetsOf(loader) {
+  const graph = loader.graph;
+  const ids = (loader.outputs || []).flatMap((output) => output.links || []);
+  return ids.map((id) => linkIn(graph, id)).filter(Boolean)
+    .map((link) => graph.getNodeById(link.target_id)).filter(Boolean);
 }

@@ -42,6 +42,33 @@ const out = {
                                       {keyframes: 8, keyframe_stride: 3, width: 16, height: 16, guidance: "jit",
                                        stepper: "euler"}, loader),
 };
+
+// a Loader -> sampler pair inside a subgraph (links a Map, as current frontends keep them) whose ids
+// collide with other nodes of the root graph, and the same pair in an older frontend's graph (links an
+// object indexed by id); `node.graph` is each node's own graph
+function graphOf(nodes, links) {
+  const graph = {links, getNodeById: (id) => nodes.find((n) => n.id === id) ?? null};
+  for (const n of nodes) n.graph = graph;
+  return graph;
+}
+const pair = () => [{id: 3, comfyClass: "STIVLoader", outputs: [{name: "model", links: [7]}]},
+                    {id: 5, comfyClass: "STIVSampler", inputs: [{name: "model", link: 7}, {name: "conditioning", link: null}]}];
+const link = {id: 7, origin_id: 3, origin_slot: 0, target_id: 5, target_slot: 0};
+const [subLoader, subSampler] = pair();
+graphOf([subLoader, subSampler], new Map([[7, link]]));
+graphOf([{id: 3, comfyClass: "STIVTextEncode"}, {id: 5, comfyClass: "STIVSampler"}], new Map());   // the root
+const [oldLoader, oldSampler] = pair();
+graphOf([oldLoader, oldSampler], {7: link});
+const unlinked = {id: 9, comfyClass: "STIVSampler", inputs: [{name: "model", link: null}]};
+graphOf([unlinked], new Map());
+out.graph = {
+  subgraphLoader: rules.loaderOf(subSampler) === subLoader,
+  subgraphTargets: rules.targetsOf(subLoader).map((n) => n === subSampler),
+  oldLoader: rules.loaderOf(oldSampler) === oldLoader,
+  oldTargets: rules.targetsOf(oldLoader).map((n) => n === oldSampler),
+  unlinked: rules.loaderOf(unlinked),
+  missingLink: rules.linkIn(subSampler.graph, 8),
+};
 console.log(JSON.stringify(out));
 """
 
@@ -74,6 +101,14 @@ def test_keyframe_interpolate_plans_its_largest_pass(js):
     from urllib.parse import parse_qs
     assert parse_qs(js["keyframeQuery"])["frames"] == ["6"]        # 4 keyframes, windows of 5 + 1
     assert parse_qs(js["manyKeyframesQuery"])["frames"] == ["8"]   # 8 keyframes, windows of 3 + 1
+
+
+def test_the_loader_is_found_in_the_node_own_graph(js):
+    """A sampler inside a subgraph finds its Loader there (not a root-graph node with the same id), on current
+    frontends (links in a Map) and older ones (links indexed by id); a Loader finds the samplers it feeds,
+    whose plans its quantization / block_swap / weight_dtype / model_name changes refresh."""
+    assert js["graph"] == {"subgraphLoader": True, "subgraphTargets": [True], "oldLoader": True,
+                           "oldTargets": [True], "unlinked": None, "missingLink": None}
 
 
 def test_every_node_with_guidance_has_the_sampler_rules(js):
