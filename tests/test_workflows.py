@@ -48,6 +48,12 @@ def is_widget(entry: tuple) -> bool:
     return isinstance(entry[0], list) or entry[0] in WIDGETS
 
 
+def sockets_of(kind: str) -> list[tuple[str, str]]:
+    """(name, type) of the inputs that are sockets, not widgets, in the order the frontend creates them
+    (required, then optional)."""
+    return [(name, entry[0]) for name, entry in inputs_of(kind).items() if not is_widget(entry)]
+
+
 def widget_values(kind: str, values: list) -> dict:
     """widgets_values (in INPUT_TYPES order, plus the frontend's extra control values) -> name: value."""
     named, values = {}, list(values)
@@ -97,6 +103,12 @@ def validate(workflow: dict) -> list[str]:
             continue
         declared = inputs_of(n["type"])
         errors += [e for name, v in named.items() for e in check_value(n["type"], name, declared[name], v)]
+        # the frontend's LGraphNode.configure copies the saved inputs over the node's sockets BY INDEX: a
+        # socket left out (or out of order) shifts those after it, and the one it lands on is lost
+        saved = [(i["name"], i["type"]) for i in n.get("inputs", []) if "widget" not in i]
+        if saved != sockets_of(n["type"]):
+            errors.append(f"node {n['id']} ({n['type']}): saved inputs {saved} are not its sockets in order "
+                          f"{sockets_of(n['type'])}")
         linked = {i["name"] for i in n.get("inputs", []) if i.get("link") is not None}
         required = spec(n["type"])[0].get("required", {})
         errors += [f"{n['type']}.{name}: required input not connected" for name, e in required.items()
@@ -206,9 +218,11 @@ def test_the_validator_catches_broken_workflows():
                    lambda w: next(n for n in w["nodes"] if n["type"] == "STIVSampler")["widgets_values"].__setitem__(0, 0),
                    lambda w: next(n for n in w["nodes"] if n["type"] == "STIVSampler")["widgets_values"].__setitem__(8, "pag"),
                    lambda w: next(n for n in w["nodes"] if n["type"] == "STIVSampler")["widgets_values"].pop(),
-                   lambda w: w["nodes"][0]["widgets_values"].__setitem__(0, "missing.safetensors")):
+                   lambda w: w["nodes"][0]["widgets_values"].__setitem__(0, "missing.safetensors"),
+                   lambda w: next(n for n in w["nodes"] if n["type"] == "STIVImageCondition")["inputs"].pop(2)):
         w = copy.deepcopy(good)
         change(w)
         broken.append(validate(w))
     assert all(broken), broken
     assert "unknown type 'KSampler'" in broken[1][0] and "not one of" in broken[4][0]
+    assert "are not its sockets in order" in broken[7][0]   # the vae socket left out
