@@ -22,7 +22,9 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from tests.test_nodes_common import MODEL_FILE, ROOT, write_small_bundle
 
@@ -254,17 +256,33 @@ def with_comfy_encoders(prompt: dict, clip_name: str | None) -> dict:
     return prompt
 
 
+def with_png_frames(prompt: dict, prefix: str) -> dict:
+    """Also every decoded frame through SaveImage (lossless PNGs named `prefix`): H.264 turns a difference
+    of a fraction of a level into several levels on later frames, so exact comparisons use these."""
+    decode = next(key for key, n in prompt.items() if n["class_type"] == "STIVDecode")
+    return {**prompt, "png": {"class_type": "SaveImage", "inputs": {"images": [decode, 0], "filename_prefix": prefix}}}
+
+
+def png_frames(server: Server, prefix: str) -> list:
+    return [np.asarray(Image.open(p).convert("RGB")) for p in sorted((server.base / "output").glob(f"{prefix}_*.png"))]
+
+
 def test_comfyui_vae_loader_on_the_stiv_nodes_gives_the_same_video(server):
     """The built-in kind of model works in pixel space, so VAELoader's pixel_space is its own VAE."""
     runs = [run_prompt(server, prompt, "image to video") for prompt in
-            (shipped_prompt(server, "stiv_image_to_video"),
-             with_comfy_encoders(shipped_prompt(server, "stiv_image_to_video"), None))]
+            (with_png_frames(shipped_prompt(server, "stiv_image_to_video"), "own"),
+             with_png_frames(with_comfy_encoders(shipped_prompt(server, "stiv_image_to_video"), None), "comfy"))]
     for status, _ in runs:
         assert status["status_str"] == "success", json.dumps(status["messages"])[:3000] + "\n" + server.log_tail()
-    (own,), (comfy,) = (videos for _, videos in runs)
-    assert len(comfy) == 16 and comfy[0].shape == (32, 32, 3)
-    # both runs use the seed value the workflow holds (the API runs no control_after_generate); 8-bit H.264 frames
-    assert max(abs(a.astype(int) - b.astype(int)).mean() for a, b in zip(own, comfy)) < 1.0
+    (own_mp4,), (comfy_mp4,) = (videos for _, videos in runs)
+    assert len(own_mp4) == len(comfy_mp4) == 16 and comfy_mp4[0].shape == (32, 32, 3)
+    # both runs use the seed value the workflow holds (the API runs no control_after_generate). The float
+    # paths differ by rounding only (the ComfyUI VAE sees [0, 1], the model's own [-1, 1]): on 8-bit PNG
+    # frames at most one level here and there
+    own, comfy = png_frames(server, "own"), png_frames(server, "comfy")
+    assert len(own) == len(comfy) == 16
+    assert max(np.abs(a.astype(int) - b.astype(int)).max() for a, b in zip(own, comfy)) <= 1
+    assert max(np.abs(a.astype(int) - b.astype(int)).mean() for a, b in zip(own, comfy)) < 0.05
 
 
 def test_comfyui_t5_on_stiv_text_encode_runs_and_a_wrong_width_is_reported(server, t5_base):
