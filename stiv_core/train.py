@@ -137,7 +137,9 @@ def run(accelerator: Accelerator, config: TrainConfig) -> TrainResult:
     save = lambda: _save(accelerator, config, model, ema, raw_optimizer, scheduler, state)
     bar = tqdm(total=config.max_steps, initial=state.step, disable=not accelerator.is_main_process,
                desc="train", dynamic_ncols=True)
-    previous_handler = _on_sigterm(_raise_interrupt)
+    stop = StopRequest()
+    previous_handlers = stop.install()
+    saved_at = state.step if resume_from is not None else -1
     try:
         for step, sample_batch in zip(range(state.step, config.max_steps), loader):
             batch = encode_batch(sample_batch, text_encoder, vae, config, accelerator.device)
@@ -151,16 +153,19 @@ def run(accelerator: Accelerator, config: TrainConfig) -> TrainResult:
             _log_metrics(accelerator, config, state, loss, scheduler.get_last_lr()[0])
             if state.step % config.checkpoint_every == 0 and state.step < config.max_steps:
                 save()
+                saved_at = state.step
             if config.sample_every and state.step % config.sample_every == 0:
                 ema_model = _ema_model(ema, config, accelerator.device)  # gathered on every rank
                 if ema_model is not None:
                     write_samples(ema_model, text_encoder, vae, config, state.step)
-    except KeyboardInterrupt:
-        log.warning("interrupted at step %d: saving a checkpoint before exiting", state.step)
-        save()
-        raise
+            if stop.agreed(accelerator):   # only here, between steps: model, EMA and counter agree
+                log.warning("stopped by signal %s after step %d: saving a checkpoint before exiting",
+                            stop.signum, state.step)
+                if saved_at != state.step:
+                    save()
+                raise KeyboardInterrupt(f"signal {stop.signum}")
     finally:
-        _on_sigterm(previous_handler)
+        stop.uninstall(previous_handlers)
         bar.close()
     if result.losses:  # a resumed run that was already complete has nothing new to save
         save()
@@ -321,15 +326,47 @@ def _has_tensorboard() -> bool:
     return importlib.util.find_spec("tensorboard") is not None
 
 
-def _on_sigterm(handler):
-    """Install `handler` for SIGTERM (a scheduler stopping the job); only the main thread can."""
-    if threading.current_thread() is not threading.main_thread():
-        return None
-    return signal.signal(signal.SIGTERM, handler if handler is not None else signal.SIG_DFL)
+class StopRequest:
+    """SIGTERM (a scheduler stopping the job) or Ctrl-C asks the run to stop after the current step with a
+    checkpoint; a second signal stops at once, without one.
 
+    The handler only records the request: an exception raised at an arbitrary line (between
+    `optimizer.step()` and the step counter, or inside it) would save a checkpoint that is half one step
+    and half the next, and under DDP/FSDP ranks would enter the save's collectives at different points.
+    """
 
-def _raise_interrupt(signum, frame) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self) -> None:
+        self.signum: Optional[int | str] = None
+
+    def __call__(self, signum, frame) -> None:
+        if self.signum is not None:
+            raise KeyboardInterrupt(f"signal {signum} again: stopping now, without a checkpoint")
+        self.signum = signum
+        log.warning("signal %d: stopping after this step, with a checkpoint (send it again to stop now)", signum)
+
+    def install(self) -> dict:
+        """Handle the signals (only the main thread can); returns the previous handlers."""
+        if threading.current_thread() is not threading.main_thread():
+            return {}
+        return {sig: signal.signal(sig, self) for sig in self.SIGNALS}
+
+    @staticmethod
+    def uninstall(previous: dict) -> None:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+
+    def agreed(self, accelerator: Accelerator) -> bool:
+        """Whether any process was asked to stop: every rank gets the same answer at the same step."""
+        asked = self.signum is not None
+        if accelerator.num_processes == 1:
+            return asked
+        flag = torch.tensor([1.0 if asked else 0.0], device=accelerator.device)
+        anyone = bool(accelerator.reduce(flag, reduction="sum").item() > 0)
+        if anyone and self.signum is None:
+            self.signum = "on another process"
+        return anyone
 
 
 if __name__ == "__main__":

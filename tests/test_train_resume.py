@@ -176,3 +176,28 @@ def test_fp16_grad_scaler_state_is_saved_and_resumed(tmp_path, monkeypatch):
     ended = [scaler_state(tmp_path / f"{run}/checkpoints/step_00000006") for run in ("full", "split")]
     assert ended[0] == ended[1] == ScaledAccelerator.made[-1].state_dict()
     assert (ended[0]["scale"], ended[0]["_growth_tracker"]) == (4096.0, 0)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_mid_step_saves_a_consistent_checkpoint_after_that_step(tmp_path, monkeypatch, signum):
+    # The signal lands after optimizer.step() but before the step counter moves: the checkpoint must hold
+    # that whole step (model, EMA, optimizer and counter agreeing), so resuming equals never stopping.
+    full = run(tmp_path / "full", "max_steps=5", "checkpoint_every=100")
+    step_once = trainer.train_step
+
+    def signalled(accelerator, model, optimizer, scheduler, batch, config, step):
+        loss = step_once(accelerator, model, optimizer, scheduler, batch, config, step)
+        if step == 2:
+            os.kill(os.getpid(), signum)
+        return loss
+
+    monkeypatch.setattr(trainer, "train_step", signalled)
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "split", "max_steps=5", "checkpoint_every=100")
+    assert [p.name for p in list_checkpoints(tmp_path / "split")] == ["step_00000003"]
+    assert {sig: signal.getsignal(sig) for sig in handlers} == handlers   # the caller's handlers are back
+    monkeypatch.undo()
+    second = run(tmp_path / "split", "max_steps=5", "checkpoint_every=100")
+    assert second.losses == full.losses[3:]
+    assert_identical(tmp_path / "full/checkpoints/step_00000005", tmp_path / "split/checkpoints/step_00000005")
