@@ -45,3 +45,17 @@ def test_two_process_ddp_trains_checkpoints_and_exports(tmp_path):
                           capture_output=True, text=True, timeout=240)
     assert more.returncode == 0, more.stderr[-2000:]
     assert "resumed from" in more.stderr and (tmp_path / "checkpoints" / "step_00000004").is_dir()
+
+
+def test_ddp_with_maskdit_extra_blocks_through_the_unmasked_phase(tmp_path):
+    # mask_token only takes part while tokens are dropped: after maskdit_until_step DDP must not wait for
+    # its gradient ("Expected to have finished reduction in the prior iteration")
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
+           "1", "--main_process_port", str(_free_port()), "--mixed_precision", "no", "--dynamo_backend", "no",
+           "stiv_core/train.py", "--config", "stiv_core/configs/tiny.toml", f'output_dir="{tmp_path}"', "resume=false",
+           *TINY, "checkpoint_every=100", "model.maskdit_extra_blocks=1", "recipe.maskdit_ratio=0.5",
+           "recipe.maskdit_until_step=1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (tmp_path / "checkpoints" / "step_00000003").is_dir()

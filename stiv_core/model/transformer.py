@@ -172,6 +172,10 @@ class STIVTransformer(nn.Module):
             tokens = self._unmask(tokens, keep_index, grid[1] * grid[2])
         else:
             tokens = self._run(self.blocks, tokens, args, spatial_rope, temporal_rope)
+            if self.mask_token is not None and self.training and torch.is_grad_enabled():
+                # an unmasked training step: mask_token takes part with a zero contribution (its gradient
+                # is 0), so DDP, which waits for every parameter's gradient, does not stall on it
+                tokens = tokens + 0 * self.mask_token.to(tokens.dtype).sum()
         tokens = self._run(self.extra_blocks, tokens, args, spatial_rope, temporal_rope)
         return self._unpatchify(self._final(tokens, c), grid)
 
