@@ -46,14 +46,20 @@ def data_from_velocity(velocity: torch.Tensor, x_t: torch.Tensor, t: torch.Tenso
     return x_t + (1 - _expand(t, x_t)) * velocity
 
 
-def flow_loss(velocity: torch.Tensor, target: torch.Tensor,
-              frame_weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+def flow_loss(velocity: torch.Tensor, target: torch.Tensor, frame_weight: Optional[torch.Tensor] = None,
+              spatial_weight: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Mean squared velocity error over `(B, C, T, H, W)`, counting only frames with weight > 0.
 
     `frame_weight` `(B, T)`: 1 for generated frames, 0 for given (frame-replaced) frames, whose error
-    must not reach the loss. Returns a scalar; 0 if every frame is given.
+    must not reach the loss. `spatial_weight` `(B, H, W)`: 1 where the loss counts in every frame, 0 where
+    it does not (MaskDiT's dropped tokens). Returns a scalar; 0 if every frame is given.
     """
-    error = (velocity.float() - target.float()).square().mean(dim=(1, 3, 4))  # (B, T)
+    squared = (velocity.float() - target.float()).square()
+    if spatial_weight is None:
+        error = squared.mean(dim=(1, 3, 4))  # (B, T)
+    else:
+        sw = spatial_weight.to(squared.dtype)[:, None, None]
+        error = (squared * sw).sum(dim=(3, 4)).mean(dim=1) / sw.sum(dim=(3, 4)).clamp_min(1.0)[:, 0]
     if frame_weight is None:
         return error.mean()
     weight = frame_weight.to(error.dtype)

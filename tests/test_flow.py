@@ -92,3 +92,14 @@ def test_time_sampling_is_seeded_logit_normal():
     assert abs(logit.mean().item()) < 0.03 and abs(logit.std().item() - 1) < 0.03
     shifted = flow.sample_time(20000, generator=torch.Generator().manual_seed(0), shift=3.0)
     torch.testing.assert_close(shifted, flow.shift_time(a, 3.0))
+
+
+def test_flow_loss_with_a_spatial_weight_is_the_mean_over_the_kept_pixels():
+    g = torch.Generator().manual_seed(0)
+    v, target = torch.randn(2, 3, 4, 6, 6, generator=g), torch.randn(2, 3, 4, 6, 6, generator=g)
+    spatial = (torch.rand(2, 6, 6, generator=g) > 0.5).float()
+    frames = torch.tensor([[1.0, 1, 0, 1], [0, 1, 1, 1]])
+    expected = torch.stack([((v[b, :, t] - target[b, :, t]) ** 2)[:, spatial[b].bool()].mean()
+                            for b in range(2) for t in range(4) if frames[b, t]]).mean()
+    torch.testing.assert_close(flow.flow_loss(v, target, frames, spatial), expected)
+    torch.testing.assert_close(flow.flow_loss(v, target, frames, torch.ones(2, 6, 6)), flow.flow_loss(v, target, frames))

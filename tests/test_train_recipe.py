@@ -98,3 +98,19 @@ def test_maskdit_keeps_exactly_half_of_the_spatial_tokens():
     _, cond = training_loss(model, batch, recipe, step=10, generator=torch.Generator().manual_seed(0))
     assert cond.keep_index is None and seen == [(3, 2, 16, 32), (3, 2, 16, 32)]  # the unmasked phase
     assert masking_active(recipe, 9) and not masking_active(recipe, 10)
+
+
+def test_maskdit_scores_only_the_kept_tokens():
+    torch.manual_seed(0)
+    model = Recorder(STIVTransformer(CONFIG))
+    torch.nn.init.normal_(model.model.final_linear.weight, std=0.1)
+    recipe = RecipeConfig(maskdit_ratio=0.5, maskdit_until_step=10, task_t2v=1, task_ti2v=0, task_prediction=0,
+                          task_interpolation=0, task_keyframes=0)
+    loss, cond = training_loss(model, make_batch(b=3), recipe, step=0, generator=torch.Generator().manual_seed(4))
+    loss.backward()
+    kept = torch.zeros(3, 16, dtype=torch.bool)
+    kept.scatter_(1, cond.keep_index, True)
+    kept = kept.view(3, 4, 4).repeat_interleave(4, 1).repeat_interleave(4, 2)   # token (r, c) -> its 4x4 pixels
+    grad = model.out.grad.permute(0, 2, 1, 3, 4)   # (B, T, C, H, W)
+    assert torch.count_nonzero(grad[~kept[:, None, None].expand_as(grad)]) == 0
+    assert torch.count_nonzero(grad[kept[:, None, None].expand_as(grad)]) == int(kept.sum()) * 4 * 3

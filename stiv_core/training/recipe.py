@@ -108,8 +108,22 @@ def training_loss(model: torch.nn.Module, batch: TrainBatch, recipe: RecipeConfi
     out = model(x_in, t, batch.text.tokens, batch.text.mask, batch.text.pooled, batch.micro,
                 frame_mask=given, text_drop=cond.text_drop.to(device), keep_index=keep)
     velocity = flow.velocity_from_prediction(out.float(), x_in, t, config.prediction)
-    loss = flow.flow_loss(velocity, flow.velocity_target(x1, noise), (~given).float())
+    spatial = None if keep is None else kept_pixels(keep, h, w, config.patch_size)
+    loss = flow.flow_loss(velocity, flow.velocity_target(x1, noise), (~given).float(), spatial)
     return loss, cond
+
+
+def kept_pixels(keep_index: torch.Tensor, height: int, width: int, patch: int) -> torch.Tensor:
+    """`(B, H, W)` float: 1 on the latent pixels of the spatial tokens MaskDiT kept, 0 on the dropped ones.
+
+    Only kept tokens are scored (MaskDiT): a dropped token's velocity target holds noise the network never
+    saw, so its error could not be reduced and would only add gradient noise.
+    """
+    b = keep_index.shape[0]
+    grid = torch.zeros(b, (height // patch) * (width // patch), device=keep_index.device)
+    grid.scatter_(1, keep_index, 1.0)
+    grid = grid.view(b, height // patch, width // patch)
+    return grid.repeat_interleave(patch, dim=1).repeat_interleave(patch, dim=2)
 
 
 def frozen_parameter_names(model: STIVTransformer, recipe: RecipeConfig) -> list[str]:
