@@ -98,7 +98,7 @@ class RecipeConfig:
     task_interpolation: float = 0.0
     task_keyframes: float = 0.0
     prediction_frames: int = 2      # k: frames given in the prediction task
-    keyframe_stride: int = 2        # S: every S-th latent frame given in the keyframe task
+    keyframe_stride: int = 2        # S: every S-th latent frame given in the keyframe task (TUP uses 2)
     maskdit_ratio: float = 0.0      # fraction of spatial tokens dropped (paper: 0.5); 0 = off
     maskdit_until_step: int = -1    # the unmasked fine-tune starts here; -1 = mask throughout
     time_mean: float = 0.0          # logit-normal time sampling (flow.sample_time)
