@@ -128,14 +128,21 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     return PSNR_CAP if mse == 0 else min(PSNR_CAP, 10 * math.log10(1 / mse))
 
 
-def monotone(detections: Sequence[Detection], height: int, width: int, tolerance: float = 0.5) -> bool:
-    """True if the object never moves backwards along its overall direction (by > tolerance px)."""
+def monotone(detections: Sequence[Detection], height: int, width: int, tolerance: float = 0.5,
+             max_jump: float = 2.0) -> bool:
+    """True if the object is seen in every frame and moves steadily from the first to the last: never
+    backwards along its overall direction (by > tolerance px), and no step longer than `max_jump` times
+    the mean step (+ tolerance), so "hold, then jump to the end" is not a path."""
+    if not detections or not all(d.found for d in detections):
+        return False
     moves = displacements(detections, height, width)
     if not moves:
         return False
     total = (sum(m[0] for m in moves), sum(m[1] for m in moves))
     norm = math.hypot(*total) or 1.0
-    return all((m[0] * total[0] + m[1] * total[1]) / norm >= -tolerance for m in moves)
+    along = [(m[0] * total[0] + m[1] * total[1]) / norm for m in moves]
+    step = norm / len(moves)
+    return all(-tolerance <= a <= max_jump * step + tolerance for a in along)
 
 
 class VideoModel(Protocol):

@@ -5,7 +5,7 @@ import torch
 
 from stiv_core.data.shapes import parse_caption, random_params, render
 from stiv_core.evaluate import (BenchConfig, GroundTruthModel, detect, direction_of, ground_truth, heldout_prompts,
-                                psnr, run_bench, track)
+                                monotone, psnr, run_bench, track)
 
 PROMPTS = heldout_prompts()[:12]
 
@@ -18,7 +18,7 @@ def test_ground_truth_scores_full_marks():
     assert r["ti2v"]["frame0_psnr"] >= 99 and r["ti2v"]["direction_acc"] == 1.0
     assert r["interp"]["endpoint_psnr"] >= 99 and r["interp"]["monotone_rate"] == 1.0
     assert r["long"]["color_drift"] == 0.0 and r["long"]["color_kept"] == 1.0 and r["long"]["frames"] == 46
-    assert r["t2v"]["motion"] > 0.5 and r["seconds_per_video"] >= 0 and r["t2v"]["color_swap"] == 0.0
+    assert r["t2v"]["motion"] > 0.5 and r["seconds_per_video"] > 0 and r["t2v"]["color_swap"] == 0.0
 
 
 def test_ground_truth_with_noise_still_reads_right():
@@ -100,3 +100,18 @@ def test_a_video_with_its_two_colours_exchanged_counts_as_a_swap():
     assert len(prompts) >= 3
     r = run_bench(Swapped(config), prompts, config)["t2v"]
     assert r["color_swap"] == 1.0 and r["color_acc"] == 0.0 and r["background_acc"] == 0.0
+
+
+def test_a_path_with_a_missing_frame_or_a_jump_is_not_monotone():
+    config = BenchConfig()
+    caption = "a red circle moving right on a blue background"
+    clip = ground_truth(caption, 16, config, seed=0)
+    dets = track(clip)
+    assert monotone(dets, 32, 32)
+    vanished = clip.clone()
+    vanished[:, 5:11] = vanished[:, :1, :1, :1]        # the middle frames: background only
+    assert not monotone(track(vanished), 32, 32)
+    hold_then_jump = torch.cat([clip[:, :1].expand(-1, 15, -1, -1), clip[:, 15:]], dim=1)
+    assert not monotone(track(hold_then_jump), 32, 32)
+    backwards = clip[:, [0, 1, 2, 3, 2, 1, 4, 5, 6, 7, 8, 9, 10, 11, 12, 15]]
+    assert not monotone(track(backwards), 32, 32)
