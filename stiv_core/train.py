@@ -144,7 +144,8 @@ def run(accelerator: Accelerator, config: TrainConfig) -> TrainResult:
         for step, sample_batch in zip(range(state.step, config.max_steps), loader):
             batch = encode_batch(sample_batch, text_encoder, vae, config, accelerator.device)
             loss = train_step(accelerator, model, optimizer, scheduler, batch, config, step)
-            ema.update(accelerator.unwrap_model(model))
+            if not accelerator.optimizer_step_was_skipped:   # fp16: the scaler skips steps with inf grads
+                ema.update(accelerator.unwrap_model(model))
             state.step = step + 1
             _note_skips(state, sample_batch)
             result.losses.append(loss)
@@ -189,7 +190,8 @@ def train_step(accelerator: Accelerator, model, optimizer, scheduler, batch: Tra
     if config.optim.grad_clip > 0:
         accelerator.clip_grad_norm_(model.parameters(), config.optim.grad_clip)
     optimizer.step()
-    scheduler.step()
+    if not accelerator.optimizer_step_was_skipped:   # a step the fp16 grad scaler skipped moves no schedule
+        scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return float(accelerator.reduce(loss.detach(), reduction="mean"))
 

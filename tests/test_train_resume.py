@@ -201,3 +201,27 @@ def test_a_signal_mid_step_saves_a_consistent_checkpoint_after_that_step(tmp_pat
     second = run(tmp_path / "split", "max_steps=5", "checkpoint_every=100")
     assert second.losses == full.losses[3:]
     assert_identical(tmp_path / "full/checkpoints/step_00000005", tmp_path / "split/checkpoints/step_00000005")
+
+
+def test_a_step_the_grad_scaler_skipped_moves_neither_the_schedule_nor_the_ema(tmp_path, monkeypatch):
+    # fp16 on a GPU: GradScaler skips an optimizer step whose gradients overflowed. Simulated on the CPU by
+    # reporting steps 1 and 2 as skipped (the optimizer itself still runs here).
+    from accelerate import Accelerator
+
+    skipped_steps, current = {1, 2}, {"step": None}
+    monkeypatch.setattr(Accelerator, "optimizer_step_was_skipped",
+                        property(lambda self: current["step"] in skipped_steps))
+    step_once = trainer.train_step
+    lrs, updates = [], []
+
+    def recorded(accelerator, model, optimizer, scheduler, batch, config, step):
+        current["step"] = step
+        loss = step_once(accelerator, model, optimizer, scheduler, batch, config, step)
+        lrs.append(scheduler.get_last_lr()[0])
+        return loss
+
+    monkeypatch.setattr(trainer.EMA, "update", lambda self, model: updates.append(current["step"]))
+    monkeypatch.setattr(trainer, "train_step", recorded)
+    run(tmp_path, "max_steps=5", "checkpoint_every=100")
+    assert lrs[0] == lrs[1] == lrs[2] < lrs[3]   # the warmup holds still on the two skipped steps
+    assert updates == [0, 3, 4]                           # and the EMA takes no update from them
