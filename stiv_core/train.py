@@ -9,7 +9,8 @@ let accelerate wrap them, then the EMA (sharded as the model is) and the data; r
 complete checkpoint; then loop: one flow-matching step with the recipe's task mixture and condition
 dropout, clip, step, EMA, log, checkpoint, sample. Devices, mixed precision and distribution are
 accelerate's; checkpoints are ours (safetensors, full tensors whatever the sharding: a run resumes
-on another number of processes, FSDP or not; see training/full_state.py).
+on another number of processes, FSDP or not, see training/full_state.py; the data order then differs
+from an uninterrupted run's, with a warning).
 """
 from __future__ import annotations
 
@@ -127,6 +128,11 @@ def run(accelerator: Accelerator, config: TrainConfig) -> TrainResult:
                                                                                 raw_optimizer))
         state = _restore(snapshot, accelerator, model, ema, raw_optimizer, scheduler)
         log.info("resumed from %s at step %d", resume_from, state.step)
+        if state.world is not None and state.world != accelerator.num_processes and accelerator.is_main_process:
+            log.warning("resumed on %d process(es) from a checkpoint written by %d: weights, optimizer and schedule "
+                        "continue exactly, but the data order does not (each step's samples are placed by process "
+                        "count, so part of the current epoch is skipped or seen twice)",
+                        accelerator.num_processes, state.world)
     dataset = build_dataset(config.data)
     loader = build_loader(dataset, config.data, batch_size=config.batch_size, seed=config.seed,
                           start_step=state.step, rank=accelerator.process_index, world=accelerator.num_processes)
@@ -235,7 +241,8 @@ def _save(accelerator, config, model, ema, optimizer, scheduler, state) -> None:
     scaler = accelerator.scaler.state_dict() if accelerator.scaler is not None else None
     snapshot = Snapshot(model=full_model_state(unwrapped), ema=ema.full_state_dict(),
                         optimizer=full_optimizer_state(unwrapped, optimizer), scheduler=scheduler.state_dict(),
-                        trainer=TrainerState(state.step, list(state.skipped)), scaler=scaler, rng=rng)
+                        trainer=TrainerState(state.step, list(state.skipped), accelerator.num_processes),
+                        scaler=scaler, rng=rng)
     if accelerator.is_main_process:
         path = save_checkpoint(config.output_dir, snapshot, config=config.model, keep_last=config.keep_last)
         log.info("saved %s", path)

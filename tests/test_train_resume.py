@@ -225,3 +225,20 @@ def test_a_step_the_grad_scaler_skipped_moves_neither_the_schedule_nor_the_ema(t
     run(tmp_path, "max_steps=5", "checkpoint_every=100")
     assert lrs[0] == lrs[1] == lrs[2] < lrs[3]   # the warmup holds still on the two skipped steps
     assert updates == [0, 3, 4]                           # and the EMA takes no update from them
+
+
+def test_resuming_on_another_process_count_warns_that_the_data_order_shifts(tmp_path, caplog):
+    run(tmp_path, "max_steps=2", "checkpoint_every=100")
+    checkpoint = tmp_path / "checkpoints/step_00000002"
+    with safe_open(str(checkpoint / "state.safetensors"), framework="pt") as f:
+        metadata, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    assert json.loads(metadata["trainer"])["world"] == 1
+    save_state_dict(checkpoint / "state.safetensors", tensors,
+                    {**metadata, "trainer": json.dumps({**json.loads(metadata["trainer"]), "world": 4})})
+    with caplog.at_level("WARNING", logger="stiv_core.train"):
+        run(tmp_path, "max_steps=3", "checkpoint_every=100")
+    assert "resumed on 1 process(es) from a checkpoint written by 4" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="stiv_core.train"):
+        run(tmp_path, "max_steps=4", "checkpoint_every=100")   # its own checkpoint: no warning
+    assert "written by" not in caplog.text

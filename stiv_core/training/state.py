@@ -42,6 +42,7 @@ KEYS_BY_NAME = "fqn"  # metadata["optimizer_keys"] of checkpoints whose optimize
 class TrainerState:
     step: int = 0
     skipped: list[str] = field(default_factory=list)  # unreadable / too-short files seen so far
+    world: Optional[int] = None   # processes that wrote it (None: a checkpoint from before this was kept)
 
 
 @dataclass
