@@ -62,14 +62,15 @@ def check_safetensors(path: str | os.PathLike) -> Path:
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
     with open(path, "rb") as f:
         head = f.read(9)
+    # The layout first: a safetensors header length (little-endian u64) can itself begin with 0x80 or "PK"
+    size = struct.unpack("<Q", head[:8])[0] if len(head) >= 8 else 0
+    if len(head) >= 9 and head[8:9] == b"{" and 8 + size <= path.stat().st_size:
+        return path
     if head[:2] == b"PK" or head[:1] == b"\x80":
         raise CheckpointError(f"{path.name} is a pickle (torch.save) file; only .safetensors checkpoints "
                               f"are loaded, since pickle can run code. Convert it with safetensors first.")
-    size = struct.unpack("<Q", head[:8])[0] if len(head) >= 8 else 0
-    if len(head) < 9 or head[8:9] != b"{" or size > path.stat().st_size:
-        raise CheckpointError(f"{path.name} is not a safetensors file (corrupt or another format); "
-                              f"expected one of {SAFETENSORS_SUFFIXES}")
-    return path
+    raise CheckpointError(f"{path.name} is not a safetensors file (corrupt or another format); "
+                          f"expected one of {SAFETENSORS_SUFFIXES}")
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, str]:

@@ -120,6 +120,27 @@ def test_pickle_files_are_refused(tmp_path, make_model, tiny_config, legacy):
             load_model(path, **kwargs)
 
 
+@pytest.mark.parametrize("first", [b"\x80", b"PK"])
+def test_a_safetensors_header_length_that_looks_like_pickle_still_loads(tmp_path, make_model, first):
+    # the file starts with the header length (u64, little-endian): 0x80 for 1 header size in 32 (they
+    # are multiples of 8), "PK" for 0x4B50 mod 65536. Such files are safetensors, not pickles.
+    model = make_model()
+    path = tmp_path / "model.safetensors"
+    save_model(path, model, metadata={"pad": ""})
+    length = int.from_bytes(path.read_bytes()[:8], "little")   # grows one for one with the padding
+    modulus, target = (256, 0x80) if first == b"\x80" else (65536, 0x4B50)
+    grow = (target - length) % modulus
+    for pad in range(max(0, grow - 8), grow + 9):
+        save_model(path, model, metadata={"pad": "x" * pad})
+        if path.read_bytes()[:len(first)] == first:
+            break
+    else:
+        pytest.fail("no padding gave that first byte")
+    loaded = load_model(path)
+    for key, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value)
+
+
 @pytest.mark.parametrize("content", [random.Random(0).randbytes(4096), b"", b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}xxxxxx"],
                          ids=["random", "empty", "bad-header"])
 def test_files_that_are_not_safetensors_are_refused(tmp_path, tiny_config, content):
