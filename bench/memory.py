@@ -7,7 +7,9 @@ Random weights (speed and memory do not depend on their values). On the CPU ("de
 swapped rows run the block swapper as the CLI and nodes do there: its full ring/hook machinery with
 slots pointing at the CPU masters (no copies), so their overhead column is what the machinery costs;
 the extra "+ copies" rows add the synchronous memcpy of every streamed block (what tests exercise, and
-what a CPU cannot overlap with compute). On CUDA the peak is `torch.cuda.max_memory_allocated`.
+what a CPU cannot overlap with compute). On CUDA the peak is `torch.cuda.max_memory_allocated` above
+what was allocated before the row's weights were loaded; the other rows are offloaded meanwhile
+(`MemoryHandle.offload`), so each peak is its own.
 
     python bench/memory.py                                   # CPU rows (a small config)
     python bench/memory.py --device cuda --preset XL --size 256 --frames 20
@@ -110,13 +112,18 @@ def main() -> None:
         rows_of = {**swaps, **copied}
         times = {label: [] for label in rows_of}
         peaks = {label: 0 for label in rows_of}
+        for handle in handles.values():   # one row's weights on the GPU at a time (its peak is its own)
+            handle.offload()
         for _ in range(args.repeats + 1):  # the first round warms up and is dropped
             for label, handle in handles.items():
+                base = torch.cuda.memory_allocated() if args.device == "cuda" else 0   # inputs, not weights
+                handle.load()
                 if args.device == "cuda":
                     torch.cuda.reset_peak_memory_stats()
                 times[label].append(timed(handle.model, inputs, args.device))
                 if args.device == "cuda":
-                    peaks[label] = max(peaks[label], torch.cuda.max_memory_allocated())
+                    peaks[label] = max(peaks[label], torch.cuda.max_memory_allocated() - base)
+                handle.offload()
         for label, n in rows_of.items():
             budget = Budget(10 ** 15, 10 ** 15, args.device)
             est = plan_memory(config, shape, budget, quant=handles[label].quant, dtype=dtype, blocks_to_swap=n)
