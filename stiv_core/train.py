@@ -40,6 +40,7 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from tqdm.auto import tqdm
 
+from .data.cache import check_cache_source
 from .data.loader import build_dataset, build_loader, mix_seed
 from .data.sample import SampleBatch
 from .bundle import SamplingDefaults, TrainedWith, save_bare_model, save_bundle
@@ -134,6 +135,7 @@ def run(accelerator: Accelerator, config: TrainConfig) -> TrainResult:
                         "count, so part of the current epoch is skipped or seen twice)",
                         accelerator.num_processes, state.world)
     dataset = build_dataset(config.data)
+    check_cache_source(dataset, config)
     loader = build_loader(dataset, config.data, batch_size=config.batch_size, seed=config.seed,
                           start_step=state.step, rank=accelerator.process_index, world=accelerator.num_processes)
     if accelerator.is_main_process and _has_tensorboard():

@@ -1,6 +1,7 @@
 """Latent/text caches: written once, read by training instead of decoding."""
 from pathlib import Path
 
+import pytest
 import torch
 
 from stiv_core.data.cache import CachedDataset, main as cache_main
@@ -37,3 +38,21 @@ def test_cache_round_trip_and_training_uses_it(tmp_path):
     assert isinstance(build_dataset(config.data), CachedDataset)  # no folder is read at all
     result = train(config)
     assert result.step == 2 and all(torch.isfinite(torch.tensor(result.losses)))
+
+
+def test_a_rewrite_leaves_no_stale_shard_and_another_setup_is_refused(tmp_path):
+    cache = tmp_path / "cache"
+    args = ["--config", CONFIG, "--shard-size", "2", *TINY, f"output_dir={tmp_path / 'run'}", f"data.cache_dir={cache}"]
+    cache_main(args)
+    assert len(list(cache.glob("shard_*"))) == 3
+    cache_main(args + ["data.num_samples=2"])          # a smaller set: one shard, none left over
+    assert [p.name for p in cache.glob("shard_*")] == ["shard_00000.safetensors"] and len(CachedDataset(cache)) == 2
+    assert not (cache / ".writing").exists()
+    base = TINY + [f"output_dir={tmp_path / 'run2'}", f"data.cache_dir={cache}", "max_steps=1", "data.num_samples=2"]
+    with pytest.raises(ValueError, match="written for other settings.*text_encoder: cache 'hashed', this run 'words'.*"
+                                         "word_encoder: cache '', this run 'seed:7'"):
+        train(load_config(CONFIG, base + ['text_encoder="words"', "model.text_dim=16", "model.pooled_text_dim=16",
+                                          "seed=7"]))
+    with pytest.raises(ValueError, match="bucket: cache \\[4, 16, 16\\], this run \\[4, 8, 8\\]"):
+        train(load_config(None, base + ["data.buckets=[[4, 8, 8]]"]))
+    assert train(load_config(None, base)).step == 1     # the setup it was written for

@@ -4,8 +4,10 @@
 
 encodes every entry of the config's dataset once (first bucket, centre crop, the first frame stride)
 with the trainer's VAE and text encoder, and writes `shard_00000.safetensors`, ... to
-`data.cache_dir`. Training reads them instead of the dataset whenever that folder holds shards (or
-with `data.kind = "cache"` and `data.path` = the folder). Skipped files are listed in the log.
+`data.cache_dir` (written aside and swapped in, so a rerun replaces the whole cache). Training reads them
+instead of the dataset whenever that folder holds shards (or with `data.kind = "cache"` and `data.path` =
+the folder), and refuses a cache written for other encoders or another bucket (each shard records them).
+Skipped files are listed in the log.
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -48,6 +51,32 @@ class CachedBatch:
     skipped: tuple[str, ...] = ()
 
 
+def cache_source(config) -> dict:
+    """What a cache's latents and text depend on, from TrainConfig `config`: recorded in every shard and
+    checked by the trainer, so a cache is never read by a run with other encoders or another shape."""
+    words = config.text_encoder.value == "words"
+    return {"text_encoder": config.text_encoder.value, "text_encoder_path": config.text_encoder_path,
+            "pooled_text_encoder_path": config.pooled_text_encoder_path,
+            # a word encoder is the one in init.path (a finetune), else the one seeded by `seed`
+            "word_encoder": (f"init:{config.init.path}" if config.init.path else f"seed:{config.seed}") if words else "",
+            "vae": config.vae.value, "vae_path": config.vae_path, "vae_config": config.vae_config,
+            "bucket": list(config.data.buckets[0]), "frame_stride": config.data.frame_strides[0],
+            "max_text_tokens": config.model.max_text_tokens}
+
+
+def check_cache_source(dataset: Dataset, config) -> None:
+    """A clear error when `dataset` is a cache written for other encoders or another shape than `config`."""
+    recorded = getattr(dataset, "source", None)
+    if recorded is None:
+        return
+    expected = cache_source(config)
+    differ = sorted(k for k in expected.keys() | recorded.keys() if recorded.get(k) != expected.get(k))
+    if differ:
+        details = "; ".join(f"{k}: cache {recorded.get(k)!r}, this run {expected.get(k)!r}" for k in differ)
+        raise ValueError(f"the latent cache in {dataset.folder} was written for other settings ({details}): "
+                         f"rewrite it (python -m stiv_core.data.cache) or point data.cache_dir elsewhere")
+
+
 def has_shards(folder: str | Path) -> bool:
     return bool(folder) and Path(folder).is_dir() and any(Path(folder).glob(SHARD_GLOB))
 
@@ -59,14 +88,24 @@ class CachedDataset(Dataset):
         shards = sorted(Path(folder).glob(SHARD_GLOB))
         if not shards:
             raise FileNotFoundError(f"no {SHARD_GLOB} in {folder}: run python -m stiv_core.data.cache first")
+        self.folder = Path(folder)
         self.samples: list[CachedSample] = []
+        sources = set()
         for shard in shards:
             with safe_open(str(shard), framework="pt") as f:
-                captions = json.loads(f.metadata()["captions"])
+                meta = f.metadata() or {}
+                if "captions" not in meta:
+                    raise ValueError(f"{shard} is not a STIV cache shard (no captions in its metadata)")
+                captions = json.loads(meta["captions"])
+                sources.add(meta.get("source"))
                 data = {key: f.get_tensor(key) for key in f.keys()}
             for i, caption in enumerate(captions):
                 self.samples.append(CachedSample(data["latents"][i], data["tokens"][i], data["mask"][i],
                                                  data["pooled"][i], data["micro"][i], caption))
+        if len(sources) > 1:
+            raise ValueError(f"the shards in {folder} were written by different cache runs; rewrite the cache")
+        source = sources.pop()
+        self.source = json.loads(source) if source else None   # None: written before sources were kept
         frames = self.samples[0].latents.shape[1]
         self.buckets = ((frames, *self.samples[0].latents.shape[2:]),)  # fixed by the cache
 
@@ -94,6 +133,11 @@ def write_cache(config, out_dir: str | Path, *, shard_size: int = 256) -> list[P
     bucket = data_config.buckets[0]
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    # written aside, then swapped in: a crash leaves the old cache whole, a rerun leaves no stale shard
+    staging = out_dir / ".writing"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    source = json.dumps(cache_source(config))
     rows, paths, skipped = [], [], set()
     for index in range(len(dataset)):
         sample = _load_exactly(dataset, SampleKey(index, bucket, seed=index))
@@ -105,10 +149,14 @@ def write_cache(config, out_dir: str | Path, *, shard_size: int = 256) -> list[P
             text = text_encoder.encode([sample.caption]).fit(config.model.max_text_tokens)
         rows.append((latents, text, sample.micro.tensor(1)[0], sample.caption))
         if len(rows) == shard_size:
-            paths.append(_write_shard(out_dir, len(paths), rows))
+            paths.append(_write_shard(staging, len(paths), rows, source))
             rows = []
     if rows:
-        paths.append(_write_shard(out_dir, len(paths), rows))
+        paths.append(_write_shard(staging, len(paths), rows, source))
+    for old in out_dir.glob(SHARD_GLOB):
+        old.unlink()
+    paths = [path.replace(out_dir / path.name) for path in paths]
+    staging.rmdir()
     if skipped:
         log.warning("skipped %d unreadable or too-short files: %s", len(skipped), sorted(skipped)[:5])
     return paths
@@ -128,12 +176,12 @@ def _load_exactly(dataset: Dataset, key: SampleKey):
         return str(entry.path)
 
 
-def _write_shard(out_dir: Path, number: int, rows) -> Path:
+def _write_shard(out_dir: Path, number: int, rows, source: str) -> Path:
     path = out_dir / f"shard_{number:05d}.safetensors"
     tensors = {"latents": torch.stack([r[0] for r in rows]),
                "tokens": torch.cat([r[1].tokens for r in rows]), "mask": torch.cat([r[1].mask for r in rows]),
                "pooled": torch.cat([r[1].pooled for r in rows]), "micro": torch.stack([r[2] for r in rows])}
-    save_state_dict(path, tensors, {"captions": json.dumps([r[3] for r in rows])})
+    save_state_dict(path, tensors, {"captions": json.dumps([r[3] for r in rows]), "source": source})
     return path
 
 
