@@ -53,6 +53,35 @@ def test_video_folder_skips_and_reports_corrupt_and_short_files(video_folder):
     assert len(again.skipped) == 1 and again.caption == "a grey clip"
 
 
+def test_a_video_window_decodes_only_up_to_its_last_frame_and_survives_a_wrong_header(tmp_path, monkeypatch):
+    from stiv_core.data import folders
+    from stiv_core.data.transforms import choose_window
+
+    write_video(tmp_path / "a.mp4", 25)
+    (tmp_path / "a.txt").write_text("a grey clip")
+    data = VideoFolder(str(tmp_path), frame_strides=(1, 2), random_crop=False)
+    key = SampleKey(0, (4, 16, 16), seed=3)
+    # the reference: every frame decoded, the window chosen from their count
+    every = folders.decode_video(str(tmp_path / "a.mp4"))
+    window = choose_window(len(every), 4, (1, 2), torch.Generator().manual_seed(3))
+    expected = data._sample(torch.from_numpy(np.stack([every[i] for i in window.indices])).permute(0, 3, 1, 2),
+                            data.entries[0], key, window.stride, torch.Generator().manual_seed(3))
+    converted = []
+    real = av.VideoFrame.to_ndarray
+    monkeypatch.setattr(av.VideoFrame, "to_ndarray", lambda self, **kw: converted.append(1) or real(self, **kw))
+    sample = data[key]
+    assert torch.equal(sample.pixels, expected.pixels) and len(converted) == 4   # only the window's frames
+    # a header that says 400 frames: the window lands past the end, so it counts by decoding and chooses again
+    real_count = folders.count_frames
+    monkeypatch.setattr(folders, "count_frames", lambda path, trust_header=True:
+                        400 if trust_header else real_count(path, trust_header=False))
+    decodes = []
+    real_decode = folders.decode_frames
+    monkeypatch.setattr(folders, "decode_frames", lambda path, idx: decodes.append(real_decode(path, idx)) or decodes[-1])
+    assert torch.equal(data[key].pixels, expected.pixels)
+    assert [d is None for d in decodes] == [True, False]   # past the end, then the real count
+
+
 def test_all_bad_files_is_a_clear_error(tmp_path):
     (tmp_path / "x.mp4").write_bytes(b"garbage")
     (tmp_path / "x.txt").write_text("x")

@@ -116,11 +116,18 @@ class VideoFolder(SkippingDataset):
         super().__init__(list_entries(folder, VIDEO_SUFFIXES), **kwargs)
 
     def load(self, entry: Entry, key: SampleKey) -> VideoSample:
-        gen = torch.Generator().manual_seed(key.seed)
-        frames = decode_video(str(entry.path))
-        window = choose_window(len(frames), key.bucket[0], self.frame_strides, gen)
-        clip = torch.from_numpy(np.stack([frames[i] for i in window.indices])).permute(0, 3, 1, 2)
-        return self._sample(clip, entry, key, window.stride, gen)
+        """The window is chosen from the frame count first, and only its frames are kept (decoding stops
+        after its last): a long clip never sits in memory whole."""
+        path = str(entry.path)
+        for trust_header in (True, False):
+            gen = torch.Generator().manual_seed(key.seed)
+            window = choose_window(count_frames(path, trust_header=trust_header), key.bucket[0],
+                                   self.frame_strides, gen)
+            frames = decode_frames(path, window.indices)
+            if frames is not None:
+                clip = torch.from_numpy(np.stack(frames)).permute(0, 3, 1, 2)
+                return self._sample(clip, entry, key, window.stride, gen)
+        raise TooShortError("fewer decodable frames than counted")
 
     def probe_size(self, path: str) -> tuple[int, int]:
         return probe_video_size(path)
@@ -153,6 +160,33 @@ def decode_video(path: str) -> list[np.ndarray]:
     if not frames:
         raise TooShortError("no decodable frames")
     return frames
+
+
+def count_frames(path: str, *, trust_header: bool = True) -> int:
+    """Frames of the first video stream: the container's count when it has one (and `trust_header`), else
+    counted by decoding (no pixel conversion)."""
+    with av.open(path) as container:
+        if not container.streams.video:
+            raise ValueError("no video stream")
+        counted = container.streams.video[0].frames if trust_header else 0
+        if counted <= 0:
+            counted = sum(1 for _ in container.decode(video=0))
+    if counted <= 0:
+        raise TooShortError("no decodable frames")
+    return counted
+
+
+def decode_frames(path: str, indices: Sequence[int]) -> Optional[list[np.ndarray]]:
+    """Frames `indices` (increasing) of the first video stream as `(H, W, 3)` uint8 RGB, decoding no
+    further than the last; None if the stream ends before it (a header that overstated its length)."""
+    wanted, last, kept = set(indices), max(indices), {}
+    with av.open(path) as container:
+        for i, frame in enumerate(container.decode(video=0)):
+            if i in wanted:
+                kept[i] = frame.to_ndarray(format="rgb24")
+            if i >= last:
+                break
+    return [kept[i] for i in indices] if len(kept) == len(wanted) else None
 
 
 def probe_video_size(path: str) -> tuple[int, int]:
