@@ -6,6 +6,7 @@ writer merges identical consecutive frames into one longer frame (playback time 
 from __future__ import annotations
 
 import logging
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +44,8 @@ def output_kind(path: str | Path) -> str:
 def write_video(path: str | Path, video: torch.Tensor, *, fps: float = 8.0, upscale: int = 1) -> Path:
     """Write `video` to `path`; the format follows the extension (see `output_kind`)."""
     kind = output_kind(path)
+    if not fps > 0:
+        raise ValueError(f"fps must be > 0, got {fps}")
     frames = to_uint8_frames(video, upscale)
     path = Path(path)
     if kind == "png":
@@ -69,7 +72,7 @@ def _write_mp4(path: Path, frames: np.ndarray, fps: float) -> None:
     if pad_h or pad_w:
         frames = np.pad(frames, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)), mode="edge")
     with av.open(str(path), mode="w") as container:
-        stream = container.add_stream("libx264", rate=round(fps))
+        stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))  # 29.97, 12.5 kept
         stream.width, stream.height, stream.pix_fmt = w + pad_w, h + pad_h, "yuv420p"
         stream.options = {"crf": "12"}
         for frame in frames:

@@ -1,6 +1,8 @@
 """Video and image IO: every output format round-trips, bad paths and extensions are clear errors."""
 import logging
+from fractions import Fraction
 
+import av
 import numpy as np
 import pytest
 from PIL import Image
@@ -20,6 +22,15 @@ def test_videos_round_trip(tmp_path, name, min_psnr):
     back = read_video(path)
     assert back.shape == CLIP.shape
     assert psnr(back, CLIP) >= min_psnr
+
+
+@pytest.mark.parametrize("fps,rate", [(12.5, "25/2"), (30000 / 1001, "30000/1001"), (8, "8")])
+def test_mp4_keeps_a_fractional_frame_rate(tmp_path, fps, rate):
+    path = write_video(tmp_path / "clip.mp4", CLIP, fps=fps)
+    with av.open(str(path)) as container:
+        assert container.streams.video[0].average_rate == Fraction(rate)
+    with pytest.raises(ValueError, match="fps must be > 0"):
+        write_video(tmp_path / "x.mp4", CLIP, fps=0)
 
 
 def test_png_folder_and_upscale(tmp_path):
