@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageSequence
+from PIL import Image, ImageOps, ImageSequence
 
 log = logging.getLogger(__name__)
 VIDEO_SUFFIXES = (".mp4", ".gif", ".webp")
@@ -94,11 +94,26 @@ def read_video(path: str | Path) -> torch.Tensor:
     return _to_tensor(np.stack(frames)).permute(3, 0, 1, 2)
 
 
+EXIF_ORIENTATION = 0x0112
+
+
+def upright_rgb(image: Image.Image) -> Image.Image:
+    """RGB as the photo is meant to be seen: its EXIF orientation applied (phone portraits are stored
+    sideways), transparency composited onto black rather than whatever colour hides under alpha 0."""
+    image = ImageOps.exif_transpose(image)
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
 def read_image(path: str | Path, height: int, width: int) -> torch.Tensor:
     """An image as `(3, H, W)` in [-1, 1]; another size is centre-cropped to the aspect, then resized."""
     path = _existing(path)
     try:
-        image = Image.open(path).convert("RGB")
+        with Image.open(path) as opened:
+            image = upright_rgb(opened)
     except OSError as err:
         raise ValueError(f"{path} is not an image Pillow can read ({err})") from err
     pixels = _to_tensor(np.asarray(image)).permute(2, 0, 1)

@@ -71,3 +71,25 @@ def test_images_of_another_size_are_fitted_with_a_warning(tmp_path, caplog):
     (tmp_path / "bad.png").write_bytes(b"not an image")
     with pytest.raises(ValueError, match="not an image"):
         read_image(tmp_path / "bad.png", 32, 32)
+
+
+def test_images_are_read_upright_and_transparency_is_black(tmp_path):
+    from stiv_core.data.folders import ImageFolder
+
+    # stored 40 wide x 20 high, left half white; EXIF orientation 6: shown turned 90 degrees clockwise
+    stored = np.zeros((20, 40, 3), np.uint8)
+    stored[:, :20] = 255
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(stored).save(tmp_path / "phone.jpg", exif=exif, quality=95)
+    upright = read_image(tmp_path / "phone.jpg", 40, 20)          # (3, H=40, W=20)
+    assert upright.shape == (3, 40, 20)
+    assert upright[:, :18].mean() > 0.9 and upright[:, 22:].mean() < -0.9   # the white half is on top now
+    (tmp_path / "phone.txt").write_text("a phone photo")
+    folder = ImageFolder(str(tmp_path))
+    assert folder.probe_size(str(tmp_path / "phone.jpg")) == (40, 20)
+    # under alpha 0 the file stores red: it must not show
+    rgba = np.zeros((8, 8, 4), np.uint8)
+    rgba[..., 0] = 255
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "clear.png")
+    assert read_image(tmp_path / "clear.png", 8, 8).max() == -1.0

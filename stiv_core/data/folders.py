@@ -22,6 +22,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 from ..conditioning import MicroConditions
+from ..video_io import EXIF_ORIENTATION, upright_rgb
 from .listing import IMAGE_SUFFIXES, VIDEO_SUFFIXES, Entry, list_entries
 from .sample import SampleKey, VideoSample
 from .transforms import TooShortError, choose_window, plan_crop, resize_crop
@@ -142,13 +143,14 @@ class ImageFolder(SkippingDataset):
     def load(self, entry: Entry, key: SampleKey) -> VideoSample:
         gen = torch.Generator().manual_seed(key.seed)
         with Image.open(entry.path) as image:
-            array = np.asarray(image.convert("RGB"))
+            array = np.asarray(upright_rgb(image))
         frame = torch.from_numpy(array.copy()).permute(2, 0, 1)[None]
         return self._sample(frame.expand(key.bucket[0], -1, -1, -1), entry, key, 1, gen)
 
     def probe_size(self, path: str) -> tuple[int, int]:
         with Image.open(path) as image:  # reads the header only
-            return image.height, image.width
+            turned = image.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8)   # a quarter turn: H and W swap
+            return (image.width, image.height) if turned else (image.height, image.width)
 
 
 def decode_video(path: str) -> list[np.ndarray]:
