@@ -17,7 +17,7 @@ import torch
 from safetensors import safe_open
 
 from .checkpoint import CheckpointError, check_safetensors, load_model, read_metadata, save_model, save_state_dict
-from .checkpoint import TEXT_ENCODER_PREFIX, model_metadata
+from .checkpoint import TEXT_ENCODER_PREFIX, metadata_record, model_metadata
 from .encoders.pixel import PixelVAE
 from .encoders.words import VOCAB_KEY, WordTextEncoder
 from .model.transformer import STIVTransformer
@@ -65,10 +65,6 @@ class TrainedWith:
     def to_json(self) -> str:
         return json.dumps(asdict(self))
 
-    @classmethod
-    def from_json(cls, text: str) -> TrainedWith:
-        return cls(**json.loads(text))
-
 
 def save_bare_model(path: str | os.PathLike, model: STIVTransformer, trained_with: TrainedWith, *,
                     defaults: SamplingDefaults = SamplingDefaults(), dtype: Optional[torch.dtype] = None) -> None:
@@ -80,7 +76,7 @@ def save_bare_model(path: str | os.PathLike, model: STIVTransformer, trained_wit
 def read_trained_with(path: str | os.PathLike) -> Optional[TrainedWith]:
     """The record of a bare model's encoders; None for a bundle or a model exported without one."""
     meta = read_metadata(path)
-    return TrainedWith.from_json(meta[ENCODERS_KEY]) if ENCODERS_KEY in meta else None
+    return metadata_record(path, meta, ENCODERS_KEY, TrainedWith) if ENCODERS_KEY in meta else None
 
 
 def save_bundle(path: str | os.PathLike, model: STIVTransformer, text_encoder: WordTextEncoder, *,
@@ -112,7 +108,7 @@ def resolve_model_path(ref: str | os.PathLike) -> Path:
 
 def load_defaults(path: str | os.PathLike) -> SamplingDefaults:
     meta = read_metadata(path)
-    return SamplingDefaults(**json.loads(meta[DEFAULTS_KEY])) if DEFAULTS_KEY in meta else SamplingDefaults()
+    return metadata_record(path, meta, DEFAULTS_KEY, SamplingDefaults) if DEFAULTS_KEY in meta else SamplingDefaults()
 
 
 def load_pipeline(ref: str | os.PathLike, *, device: str | torch.device = "cpu",
@@ -134,7 +130,7 @@ def load_word_encoder(path: str | os.PathLike) -> Optional[WordTextEncoder]:
 
 
 def _read_word_encoder(path: str | os.PathLike, meta: Mapping[str, str]) -> WordTextEncoder:
-    text_encoder = WordTextEncoder.from_metadata(dict(meta))
+    text_encoder = metadata_record(path, meta, VOCAB_KEY, WordTextEncoder.from_spec)
     with safe_open(str(check_safetensors(path)), framework="pt", device="cpu") as f:
         state = {k[len(TEXT_ENCODER_PREFIX):]: f.get_tensor(k) for k in f.keys() if k.startswith(TEXT_ENCODER_PREFIX)}
     text_encoder.load_state_dict({k: v.float() for k, v in state.items()})

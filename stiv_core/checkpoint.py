@@ -5,10 +5,12 @@ file to their device (never a second full copy in RAM). Pickle files are refused
 """
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import struct
 from pathlib import Path
-from typing import Mapping, Optional
+from typing import Callable, Mapping, Optional, TypeVar
 
 import torch
 from safetensors import safe_open
@@ -23,6 +25,7 @@ CONFIG_KEY = "stiv_config"
 SAFETENSORS_SUFFIXES = (".safetensors", ".sft")
 # Keys of other components a file may carry beside the model (see bundle.py); load_model skips them.
 TEXT_ENCODER_PREFIX = "text_encoder."
+T = TypeVar("T")
 COMPONENT_PREFIXES = (TEXT_ENCODER_PREFIX,)
 
 
@@ -71,6 +74,22 @@ def check_safetensors(path: str | os.PathLike) -> Path:
                               f"are loaded, since pickle can run code. Convert it with safetensors first.")
     raise CheckpointError(f"{path.name} is not a safetensors file (corrupt or another format); "
                           f"expected one of {SAFETENSORS_SUFFIXES}")
+
+
+def metadata_record(path: str | os.PathLike, meta: Mapping[str, str], key: str, build: Callable[[dict], T]) -> T:
+    """The metadata entry `key` (a JSON object) as `build(**fields)` for a dataclass, else `build(object)`;
+    a file written by a newer version may carry fields this one does not know (dropped), and a malformed
+    entry is a CheckpointError."""
+    try:
+        record = json.loads(meta[key])
+        if not isinstance(record, dict):
+            raise TypeError(f"expected a JSON object, got {type(record).__name__}")
+        if dataclasses.is_dataclass(build):
+            names = {f.name for f in dataclasses.fields(build)}
+            return build(**{k: v for k, v in record.items() if k in names})
+        return build(record)
+    except (KeyError, TypeError, ValueError) as err:
+        raise CheckpointError(f"{Path(path).name}: unreadable {key!r} metadata ({type(err).__name__}: {err})") from err
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, str]:

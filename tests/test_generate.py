@@ -6,7 +6,7 @@ from PIL import Image
 
 from stiv_core import generate as cli
 from stiv_core.bundle import SamplingDefaults, load_defaults, load_pipeline, save_bundle
-from stiv_core.checkpoint import CheckpointError, load_model, save_model
+from stiv_core.checkpoint import CheckpointError, load_model, read_metadata, save_model
 from stiv_core.config import preset
 from stiv_core.data.shapes import ShapeParams, render
 from stiv_core.encoders.words import WordTextEncoder
@@ -43,6 +43,35 @@ def test_bundle_round_trip(bundle):
     save_model(bare, model)
     with pytest.raises(CheckpointError, match="without its text encoder"):
         load_pipeline(bare)
+
+
+def rewrite_metadata(path, **changes):
+    from safetensors import safe_open
+
+    from stiv_core.checkpoint import save_state_dict
+
+    with safe_open(str(path), framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    save_state_dict(path, tensors, {**meta, **changes})
+
+
+def test_bundle_metadata_from_a_newer_version_or_malformed(bundle, tmp_path):
+    import json
+    import shutil
+
+    from stiv_core.bundle import DEFAULTS_KEY
+    from stiv_core.encoders.words import VOCAB_KEY
+
+    path = tmp_path / "newer.safetensors"
+    shutil.copy(bundle[0], path)
+    meta = read_metadata(path)
+    rewrite_metadata(path, **{DEFAULTS_KEY: json.dumps({**json.loads(meta[DEFAULTS_KEY]), "new_field": 1})})
+    assert load_defaults(path) == DEFAULTS and load_pipeline(path).text_encoder.vocab == VOCAB   # unknown: dropped
+    for key, bad in ((DEFAULTS_KEY, "{not json"), (DEFAULTS_KEY, "[1, 2]"), (VOCAB_KEY, json.dumps({"dim": 32}))):
+        rewrite_metadata(path, **{key: bad})
+        with pytest.raises(CheckpointError, match=f"unreadable '{key}' metadata"):
+            load_defaults(path) if key == DEFAULTS_KEY else load_pipeline(path)
+        rewrite_metadata(path, **{key: meta[key]})
 
 
 def run(args):

@@ -97,5 +97,9 @@ class WordTextEncoder(nn.Module):
 
     @classmethod
     def from_metadata(cls, metadata: dict[str, str]) -> WordTextEncoder:
-        spec = json.loads(metadata[VOCAB_KEY])
-        return cls(spec["vocab"], dim=spec["dim"], max_tokens=spec["max_tokens"])
+        return cls.from_spec(json.loads(metadata[VOCAB_KEY]))
+
+    @classmethod
+    def from_spec(cls, spec: dict) -> WordTextEncoder:
+        """The (untrained) encoder a `metadata()` spec describes: vocabulary, width, token count."""
+        return cls(list(spec["vocab"]), dim=int(spec["dim"]), max_tokens=int(spec["max_tokens"]))

@@ -38,7 +38,7 @@ def stored_quantization(path: str | os.PathLike) -> Optional[QuantConfig]:
         return None
     try:
         return QuantConfig.from_metadata(json.loads(meta[QUANT_KEY]))
-    except (ValueError, KeyError) as err:
+    except (ValueError, KeyError, TypeError) as err:
         raise CheckpointError(f"{Path(path).name}: unreadable quantization metadata ({err})") from err
 
 
