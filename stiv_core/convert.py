@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Optional, Sequence
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from .checkpoint import check_keys, check_safetensors, model_metadata, save_state_dict
@@ -193,6 +194,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         report = convert_pixart_file(args.src, args.out, config, source_heads=args.heads, dtype=DTYPES[args.dtype])
     except (ConversionError, ValueError, FileNotFoundError) as err:
         parser.exit(2, f"error: {err}\n")
+    except SafetensorError as err:   # a truncated or corrupt file past its header check
+        parser.exit(2, f"error: {args.src} is not a readable safetensors file ({err})\n")
     print(report.text())
     kind = "'t2i' (inflated along time) or 'full'" if config.temporal_patch == 1 else "'full'"
     print(f"wrote {args.out} with its STIV config ({config.num_heads} heads, {config.max_text_tokens} text tokens "

@@ -225,6 +225,17 @@ class TestCommandLine:
         assert "not a PixArt" in capsys.readouterr().err
 
 
+    def test_a_truncated_file_is_a_clear_error(self, tmp_path, capsys):
+        src = tmp_path / "pixart.safetensors"
+        save_file(pixart_state(), str(src))
+        src.write_bytes(src.read_bytes()[:-1000])    # the header intact, the tensor data cut short
+        with pytest.raises(SystemExit) as exit_info:
+            main(["pixart", str(src), "--preset", "tiny", "--heads", str(HEADS), "--out", str(tmp_path / "x.safetensors")])
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert "error:" in err and ("not a readable safetensors file" in err or "not a safetensors file" in err)
+
+
 class TestTrainerFromConvertedFile:
     """The trainer takes the converted file's recorded shape: PixArt's head count (not the preset's) and
     its null-text rows, so the model builds, loads and computes PixArt's output."""
