@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -13,7 +14,8 @@ import torch
 pytest.importorskip("scenedetect")
 
 from stiv_core.data.folders import VideoFolder, decode_video  # noqa: E402
-from stiv_core.data.prepare import PrepareOptions, Thresholds, command_captioner, main, prepare  # noqa: E402
+from stiv_core.data.prepare import (PrepareOptions, Thresholds, command_captioner, main, prepare,  # noqa: E402
+                                    sidecar_caption)
 from stiv_core.data.sample import SampleKey  # noqa: E402
 from stiv_core.data.scoring import detect_scenes, score_clip  # noqa: E402
 from stiv_core.video_io import write_video  # noqa: E402
@@ -86,7 +88,7 @@ class TestPrepare:
         reasons = {r["source"]: r["rejected"][0] for r in rejected}
         assert reasons["static.mp4"].startswith("motion") and reasons["uncaptioned.mp4"].startswith("no caption")
         assert (summary.kept, summary.rejected, summary.scenes) == (3, 2, 5)
-        assert not (tmp_path / "clips" / "uncaptioned_000.mp4").exists()
+        assert not list((tmp_path / "clips").glob("uncaptioned_*")) and len(list((tmp_path / "clips").iterdir())) == 3
         data = VideoFolder(str(tmp_path), random_crop=False)
         assert len(data) == 3
         sample = data[SampleKey(0, (8, 32, 32), 0)]
@@ -106,6 +108,35 @@ class TestPrepare:
         assert "4 kept, 1 rejected" in capsys.readouterr().out
         rows = [json.loads(line) for line in (tmp_path / "metadata.jsonl").read_text().splitlines()]
         assert all(r["caption"] == "caption of " + Path(r["path"]).name for r in rows)
+
+    def test_names_never_collide_and_one_failure_does_not_stop_the_run(self, tmp_path):
+        src = tmp_path / "raw"
+        (src / "a").mkdir(parents=True)
+        (src / "a_b").mkdir()
+        save(src / "a" / "b_c.mp4", moving(6, 2), "first")
+        save(src / "a_b" / "c.mp4", moving(7, 2), "second")
+        save(src / "z.mp4", moving(8, 2), "third")
+        calls = []
+
+        def flaky(clip, source):   # times out on the second clip, stops the whole run on the third
+            calls.append(source.name)
+            if len(calls) == 2:
+                raise subprocess.TimeoutExpired("captioner", 1)
+            if len(calls) == 3:
+                raise KeyboardInterrupt
+            return sidecar_caption(clip, source)
+
+        out = tmp_path / "out"
+        with pytest.raises(KeyboardInterrupt):
+            prepare(src, out, options=PrepareOptions(thresholds=LOOSE, split_scenes=False), captioner=flaky)
+        rows = [json.loads(line) for line in (out / "metadata.jsonl").read_text().splitlines()]
+        assert [r["caption"] for r in rows] == ["first"]   # written before the run stopped
+        script = f"{sys.executable} -c \"import time; time.sleep(5)\""
+        assert command_captioner(script, timeout_s=0.2)(Path("/x.mp4"), Path("/y.mp4")) is None   # logged, not raised
+        summary = prepare(src, out, options=PrepareOptions(thresholds=LOOSE, split_scenes=False))
+        rows = [json.loads(line) for line in (out / "metadata.jsonl").read_text().splitlines()]
+        assert summary.kept == 3 and len({r["path"] for r in rows}) == 3   # a/b_c and a_b/c: two files
+        assert sorted(r["caption"] for r in rows) == ["first", "second", "third"]
 
     def test_strict_thresholds_and_missing_source(self, sources, tmp_path):
         summary = prepare(sources, tmp_path, options=PrepareOptions(split_scenes=False))  # default: 256 px

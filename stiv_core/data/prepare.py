@@ -14,6 +14,7 @@ command whose stdout is the caption (`{clip}` and `{source}` are replaced by the
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import shlex
@@ -82,7 +83,11 @@ def command_captioner(template: str, *, timeout_s: float = 600.0) -> Captioner:
     """A captioner running `template` (with `{clip}` / `{source}` replaced); its stdout is the caption."""
     def caption(clip: Path, source: Path) -> Optional[str]:
         args = [part.format(clip=str(clip), source=str(source)) for part in shlex.split(template)]
-        result = subprocess.run(args, capture_output=True, text=True, timeout=timeout_s)
+        try:
+            result = subprocess.run(args, capture_output=True, text=True, timeout=timeout_s)
+        except (subprocess.TimeoutExpired, OSError) as err:   # one clip's failure, not the run's
+            log.warning("captioner failed on %s: %s", clip, err)
+            return None
         if result.returncode != 0:
             log.warning("captioner failed on %s (exit %d): %s", clip, result.returncode, result.stderr.strip()[-300:])
             return None
@@ -104,8 +109,9 @@ def prepare(src_dir: str | Path, out_dir: str | Path, *, options: PrepareOptions
     for video in videos:
         for row in _prepare_video(video, src_dir, out_dir, options, captioner):
             (rejected if row.get("rejected") else kept).append(row)
-    _write_jsonl(out_dir / "metadata.jsonl", kept)
-    _write_jsonl(out_dir / "rejected.jsonl", rejected)
+        # after every video: a run stopped later keeps what it has done
+        _write_jsonl(out_dir / "metadata.jsonl", kept)
+        _write_jsonl(out_dir / "rejected.jsonl", rejected)
     return PrepareSummary(len(videos), len(kept) + len(rejected), len(kept), len(rejected), out_dir / "metadata.jsonl")
 
 
@@ -116,10 +122,16 @@ def _prepare_video(video: Path, src_dir: Path, out_dir: Path, options: PrepareOp
     except (av.FFmpegError, OSError, ValueError) as err:
         log.warning("skipping unreadable %s: %s", video, err)
         return [{"source": str(video.relative_to(src_dir)), "rejected": [f"unreadable: {err}"]}]
-    scenes = (detect_scenes(video, len(frames), threshold=options.cut_threshold,
-                            min_scene_frames=options.min_scene_frames)
-              if options.split_scenes else [Scene(0, len(frames))])
-    stem = "_".join(video.relative_to(src_dir).with_suffix("").parts)
+    source = video.relative_to(src_dir)
+    try:
+        scenes = (detect_scenes(video, len(frames), threshold=options.cut_threshold,
+                                min_scene_frames=options.min_scene_frames)
+                  if options.split_scenes else [Scene(0, len(frames))])
+    except Exception as err:  # the scene detector's own errors: this video is skipped, the run goes on
+        log.warning("skipping %s: scene detection failed: %s", video, err)
+        return [{"source": str(source), "rejected": [f"scene detection failed: {type(err).__name__}: {err}"]}]
+    # the name keeps the folders and the extension apart (a/b_c.mp4 vs a_b/c.mp4, dog.mp4 vs dog.webm)
+    stem = "_".join(source.with_suffix("").parts) + "_" + hashlib.sha1(str(source).encode()).hexdigest()[:6]
     rows = []
     for number, scene in enumerate(scenes):
         clip_frames = frames[scene.start:scene.end]
@@ -129,11 +141,17 @@ def _prepare_video(video: Path, src_dir: Path, out_dir: Path, options: PrepareOp
         reasons = options.thresholds.reasons(scores)
         clip = out_dir / "clips" / f"{stem}_{number:03d}.mp4"
         if not reasons:
-            write_video(clip, _to_video(clip_frames), fps=fps)
-            caption = captioner(clip, video)
+            try:
+                write_video(clip, _to_video(clip_frames), fps=fps)
+                caption = captioner(clip, video)
+            except Exception as err:  # a codec or captioner failure costs this scene, not the run
+                log.warning("skipping scene %d of %s: %s", number, video, err)
+                caption, failure = None, f"writing or captioning failed: {type(err).__name__}: {err}"
+            else:
+                failure = "no caption (no sidecar .txt, or the captioner gave none)"
             if caption is None:
-                clip.unlink()
-                reasons = ["no caption (no sidecar .txt, or the captioner gave none)"]
+                clip.unlink(missing_ok=True)
+                reasons = [failure]
             else:
                 row = {"path": str(clip.relative_to(out_dir)), "caption": caption, **row}
         rows.append({**row, "rejected": reasons} if reasons else row)
