@@ -85,11 +85,17 @@ def test_t2v_writes_a_video_with_the_model_defaults(bundle, tmp_path):
     assert read_video(out).shape == (3, 4, 16, 16)
 
 
+def shape_image(path, params):
+    """The first frame of a shapes clip written as a 16x16 PNG; returns its uint8 `(H, W, 3)` pixels."""
+    frame = render(params, 1, 16, 16)[:, 0]
+    image = ((frame.permute(1, 2, 0) + 1) * 127.5).round().byte().numpy()
+    Image.fromarray(image).save(path)
+    return image
+
+
 def test_ti2v_keeps_the_image_and_long_video_and_upsampling_have_their_lengths(bundle, tmp_path):
     path, *_ = bundle
-    first = render(ShapeParams("circle", "red", "blue", "left"), 1, 16, 16)[:, 0]
-    image = ((first.permute(1, 2, 0) + 1) * 127.5).round().byte().numpy()
-    Image.fromarray(image).save(tmp_path / "first.png")
+    image = shape_image(tmp_path / "first.png", ShapeParams("circle", "red", "blue", "left"))
     assert run(["--model", path, "--prompt", "a red circle", "--image", tmp_path / "first.png",
                 "--out", tmp_path / "ti2v.webp"]) == 0
     video = read_video(tmp_path / "ti2v.webp")
@@ -102,9 +108,7 @@ def test_ti2v_keeps_the_image_and_long_video_and_upsampling_have_their_lengths(b
 def test_a_long_videos_last_image_is_its_last_keyframe(bundle, tmp_path):
     # the condition belongs to the keyframe pass: --last-image goes to keyframe K-1, the video's last frame
     path, *_ = bundle
-    last = render(ShapeParams("square", "red", "blue", "up"), 1, 16, 16)[:, 0]
-    image = ((last.permute(1, 2, 0) + 1) * 127.5).round().byte().numpy()
-    Image.fromarray(image).save(tmp_path / "last.png")
+    image = shape_image(tmp_path / "last.png", ShapeParams("square", "red", "blue", "up"))
     assert run(["--model", path, "--prompt", "a red square", "--last-image", tmp_path / "last.png",
                 "--frames", 2, "--keyframes", 4, "--keyframe-stride", 3, "--out", tmp_path / "long"]) == 0
     frames = sorted((tmp_path / "long").glob("*.png"))
