@@ -116,13 +116,13 @@ def main() -> None:
             handle.offload()
         for _ in range(args.repeats + 1):  # the first round warms up and is dropped
             for label, handle in handles.items():
-                base = torch.cuda.memory_allocated() if args.device == "cuda" else 0   # inputs, not weights
+                before = torch.cuda.memory_allocated() if args.device == "cuda" else 0   # inputs, not weights
                 handle.load()
                 if args.device == "cuda":
                     torch.cuda.reset_peak_memory_stats()
                 times[label].append(timed(handle.model, inputs, args.device))
                 if args.device == "cuda":
-                    peaks[label] = max(peaks[label], torch.cuda.max_memory_allocated() - base)
+                    peaks[label] = max(peaks[label], torch.cuda.max_memory_allocated() - before)
                 handle.offload()
         for label, n in rows_of.items():
             budget = Budget(10 ** 15, 10 ** 15, args.device)

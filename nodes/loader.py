@@ -80,8 +80,8 @@ class STIVLoader:
                 raise ValueError(f"block_swap {block_swap}: this model has {blocks} blocks (0..{blocks})")
             options = MemoryOptions(quant=quantization, attention=attention, block_swap=block_swap,
                                     compile=compile, device=str(device))
-            handle = apply_memory_options(pipeline.model, options)
-            handle.offload()   # on the device only while it samples (nodes/run.py: on_device)
+            # the weights stay on the CPU: on the device only while a sampler runs (nodes/run.py: on_device)
+            handle = apply_memory_options(pipeline.model, options, offloaded=True)
             defaults = load_defaults(path)
         except (CheckpointError, FileNotFoundError, ValueError, WontFitError) as err:
             message = f"STIV Loader: cannot load {model_name!r}: {err}"

@@ -79,6 +79,7 @@ class SamplingSettings:
 
 
 UNBOUNDED = 1 << 62
+OUT_OF_MEMORY = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)   # torch.OutOfMemoryError: 2.5+
 
 
 def needed_bytes(model: STIVModel, shape: RunShape) -> int:
@@ -87,7 +88,7 @@ def needed_bytes(model: STIVModel, shape: RunShape) -> int:
     swap = len(handle.swapper.streamed) if handle.swapper is not None else 0
     dtype = net.patch_embed.weight.dtype
     return plan_memory(net.config, shape, Budget(UNBOUNDED, UNBOUNDED, handle.device.type), quant=handle.quant,
-                       dtype=dtype, blocks_to_swap=swap).peak_bytes
+                       dtype=dtype, blocks_to_swap=swap, backend=net.attention_backend).peak_bytes
 
 
 @contextmanager
@@ -100,9 +101,9 @@ def on_device(model: STIVModel, shape: RunShape) -> Iterator[None]:
         yield
         return
     _comfy.make_room(handle.device, needed_bytes(model, shape))
-    handle.load()
-    model.pipeline.text_encoder.to(handle.device)
     try:
+        handle.load()
+        model.pipeline.text_encoder.to(handle.device)
         yield
     finally:
         handle.offload()
@@ -150,6 +151,9 @@ def run_sampling(model: STIVModel, conditioning: STIVConditioning, total_steps: 
         failure = None
     except (ValueError, WontFitError) as err:
         failure = f"{node}: {err}"
+    except OUT_OF_MEMORY as err:
+        failure = (f"{node}: out of device memory ({str(err).splitlines()[0]}); the weights are back on the "
+                   f"CPU. Swap more blocks (STIV Loader block_swap), quantize, or lower the frames or size")
     # outside the except blocks: the traceback (and the tensors its frames hold) is gone by now
     _comfy.free_memory()
     if failure is None:

@@ -111,15 +111,27 @@ def test_offload_is_a_no_op_on_the_cpu_and_tracks_state(make_model, make_inputs,
     assert torch.equal(_run(model, inputs), expected)
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("swap", [0, 1])
-def test_offload_leaves_nothing_on_the_gpu_and_load_restores(make_model, make_inputs, tiny_config, swap):
+@pytest.mark.parametrize("swap", [0, 2])
+def test_applied_offloaded_on_the_cpu_runs_as_is(make_model, make_inputs, tiny_config, swap):
     model = make_model(depth=3)
     inputs = make_inputs(tiny_config)
     expected = _run(copy.deepcopy(model), inputs)
-    handle = apply_memory_options(model, MemoryOptions(block_swap=swap, device="cuda"))
-    handle.offload()
+    handle = apply_memory_options(model, MemoryOptions(block_swap=swap, **CPU), offloaded=True)
+    assert not handle.offloaded   # the CPU is where it runs: a swap ring is there, nothing to load
+    assert torch.equal(_run(model, inputs), expected)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("swap", [0, 1])
+@pytest.mark.parametrize("at_load", [False, True])
+def test_offload_leaves_nothing_on_the_gpu_and_load_restores(make_model, make_inputs, tiny_config, swap, at_load):
+    model = make_model(depth=3)
+    inputs = make_inputs(tiny_config)
+    expected = _run(copy.deepcopy(model), inputs)
+    handle = apply_memory_options(model, MemoryOptions(block_swap=swap, device="cuda"), offloaded=at_load)
+    if not at_load:
+        handle.offload()
     assert handle.offloaded and all(t.device.type == "cpu" for t in [*model.parameters(), *model.buffers()])
     handle.load()
     out = _run(model, {k: v.cuda() for k, v in inputs.items()})

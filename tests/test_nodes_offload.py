@@ -90,14 +90,32 @@ def test_a_run_makes_room_loads_then_offloads_even_when_interrupted(comfyui):
     assert events[-2:] == ["offload", "text encoder to cpu"]
 
 
-def test_the_loader_parks_the_model_off_the_device_and_a_cpu_run_moves_nothing(comfyui, monkeypatch):
+def test_out_of_memory_while_loading_or_sampling_puts_the_weights_back_and_says_what_to_do(comfyui):
     calls, _ = comfyui
-    offloads = []
-    monkeypatch.setattr(memory.MemoryHandle, "offload", lambda self: offloads.append(self.device.type))
+    events = []
+    gpu = on_gpu(load(), events)
+
+    def out_of_memory():   # a move to the device that runs out half way
+        events.append("load")
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    gpu.memory.load = out_of_memory
+    with pytest.raises(pack_module("nodes.types").STIVInputError, match="out of device memory.*Swap more blocks"):
+        sample(gpu, text(), steps=1)
+    assert events[0] == "load" and "offload" in events and events[-1] == "text encoder to cpu"
+    assert "soft_empty_cache" in calls
+
+
+def test_the_loader_keeps_the_weights_off_the_device_and_a_cpu_run_moves_nothing(comfyui, monkeypatch):
+    calls, _ = comfyui
+    options = []
+    real = memory.apply_memory_options
+    loader = pack_module("nodes.loader")
+    monkeypatch.setattr(loader, "apply_memory_options", lambda model, opts, **kw: options.append(kw) or real(model, opts, **kw))
     model = load()
-    assert offloads == ["cpu"]   # called at load (a no-op on the CPU: test_memory_options)
+    assert options == [{"offloaded": True}] and not model.memory.offloaded   # the CPU: nothing to move
     sample(model, text(), steps=1)
-    assert offloads == ["cpu"] and not [c for c in calls if isinstance(c, tuple) and c[0] == "free_memory"]
+    assert not [c for c in calls if isinstance(c, tuple) and c[0] == "free_memory"]
 
 
 def test_previews_follow_comfyuis_method_and_size(comfyui):

@@ -76,14 +76,15 @@ class MemoryHandle:
         self.offloaded = True
 
     def load(self) -> None:
-        """Before a run: undo `offload` (weights back on the device)."""
+        """Before a run: undo `offload` (weights back on the device). Marked loaded first: if a move
+        fails half way (out of memory), `offload()` still moves everything back."""
         if not self.offloaded:
             return
+        self.offloaded = False
         if self.swapper is not None:
             self.swapper.unpark()
         else:
             self.model.to(self.device)
-        self.offloaded = False
 
     def remove(self) -> None:
         """Take the block-swap hooks off (quantization and compilation stay: they were load-time)."""
@@ -116,14 +117,19 @@ def resolve_quant(options: MemoryOptions, device: torch.device, notes: list[str]
 
 
 def apply_memory_options(model: nn.Module, options: MemoryOptions, *, shape: Optional[RunShape] = None,
-                         budget: Optional[Budget] = None, vae: VAEProfile = VAEProfile()) -> MemoryHandle:
+                         budget: Optional[Budget] = None, vae: VAEProfile = VAEProfile(),
+                         offloaded: bool = False) -> MemoryHandle:
     """Quantize, plan, swap and compile `model` (built on the CPU, eval mode) per `options`.
+
+    With `offloaded`, the weights stay on the CPU (the handle's `load()` puts them on the device): a
+    loader that must not take VRAM before the run that needs it.
 
     With `shape`, the plan is logged, chooses `block_swap="auto"`, and a run that will not fit raises
     WontFitError (or, with `force`, is logged as a warning and goes on).
     """
     notes: list[str] = []
     device = resolve_device(options.device, notes)
+    offloaded = offloaded and device.type != "cpu"   # on the CPU the weights already are where they run
     quant = resolve_quant(options, device, notes)
     report = quantize_blocks(model, quant)
     dtype = model.patch_embed.weight.dtype
@@ -150,12 +156,13 @@ def apply_memory_options(model: nn.Module, options: MemoryOptions, *, shape: Opt
         if device.type == "cpu":
             _note(notes, "block swap with device = CPU saves no memory (the blocks already live in RAM): "
                          "its hooks run, but the ring points at the CPU masters instead of copying them")
-        swapper = BlockSwapper(model, swap, device=device, prefetch=options.prefetch, cpu_copies=False).attach()
-    else:
+        swapper = BlockSwapper(model, swap, device=device, prefetch=options.prefetch,
+                               cpu_copies=False).attach(parked=offloaded)
+    elif not offloaded:
         model.to(device)
     if options.compile:
         compile_blocks(model, backend=options.compile_backend)
-    return MemoryHandle(model, device, quant, plan, swapper, report, notes)
+    return MemoryHandle(model, device, quant, plan, swapper, report, notes, offloaded=offloaded)
 
 
 def compile_blocks(model: nn.Module, *, backend: str = "inductor") -> None:

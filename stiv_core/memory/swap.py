@@ -5,7 +5,9 @@ changed while it samples. How it works:
 
 - The CPU copy of every streamed block is the master: its tensors are pinned once (on CUDA, so
   copies can run asynchronously) and nothing is ever copied back to the CPU.
-- A ring of `prefetch + 1` device buffers, each shaped like one block, is allocated once.
+- A ring of `prefetch + 1` device buffers, each shaped like one block, is allocated when the swapper
+  attaches and reused every step; `park()` frees it between runs (with the resident weights moved to
+  the CPU) and `unpark()` allocates it again.
 - Before streamed block j runs (pre-hook), its tensors' storage is pointed at the ring buffer holding
   it, and the copies of the next `prefetch` blocks are issued on a dedicated CUDA stream, so they
   overlap block j's compute. After block j (post-hook, also on error), its tensors point back at the
@@ -92,12 +94,15 @@ class BlockSwapper:
         return sum(t.numel() * t.element_size() for t in self._masters[0]) if self._masters else 0
 
     @torch.no_grad()
-    def attach(self) -> BlockSwapper:
+    def attach(self, *, parked: bool = False) -> BlockSwapper:
+        """Hooks on and the streamed blocks' masters made; with `parked`, nothing goes to the device yet
+        (the state `park()` leaves: `unpark()` before the first run)."""
         if self._handles:
             raise RuntimeError("this BlockSwapper is already attached")
         if self._cuda and not torch.cuda.is_available():
             raise RuntimeError(f"block swap to {self.device} needs CUDA, which is not available here")
-        self._move_resident(self.device)
+        if not parked:
+            self._move_resident(self.device)
         signature = None
         for j, block in enumerate(self.streamed):
             named = _block_tensors(block)
@@ -111,7 +116,7 @@ class BlockSwapper:
             handle_pre = block.register_forward_pre_hook(lambda m, a, j=j: self._before(j))
             handle_post = block.register_forward_hook(lambda m, a, o, j=j: self._after(j), always_call=True)
             self._handles += [handle_pre, handle_post]
-        if self.streamed:
+        if self.streamed and not parked:
             self._allocate_ring()
         return self
 
