@@ -56,3 +56,16 @@ def test_a_rewrite_leaves_no_stale_shard_and_another_setup_is_refused(tmp_path):
     with pytest.raises(ValueError, match="bucket: cache \\[4, 16, 16\\], this run \\[4, 8, 8\\]"):
         train(load_config(None, base + ["data.buckets=[[4, 8, 8]]"]))
     assert train(load_config(None, base)).step == 1     # the setup it was written for
+    # pointed at the cache itself (data.kind = "cache"): the cache's own bucket is the run's
+    direct = TINY + [f"output_dir={tmp_path / 'run3'}", 'data.kind="cache"', f"data.path={cache}",
+                     "data.buckets=[[8, 32, 32]]", "max_steps=1"]
+    assert train(load_config(None, direct)).step == 1
+
+
+def test_the_cache_records_the_one_stride_it_was_written_with(tmp_path):
+    cache = tmp_path / "cache"
+    cache_main(["--config", CONFIG, *TINY, f"output_dir={tmp_path / 'run'}", f"data.cache_dir={cache}",
+                "data.frame_strides=[1, 2]", "data.num_samples=6"])
+    data = CachedDataset(cache)
+    assert data.source["frame_stride"] == 1
+    assert {int(data[SampleKey(i, (4, 16, 16), 0)].micro[4]) for i in range(6)} == {1}   # every clip at it

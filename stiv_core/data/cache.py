@@ -54,11 +54,12 @@ class CachedBatch:
 def cache_source(config) -> dict:
     """What a cache's latents and text depend on, from TrainConfig `config`: recorded in every shard and
     checked by the trainer, so a cache is never read by a run with other encoders or another shape."""
+    from ..training.encoders import word_encoder_origin
+
     words = config.text_encoder.value == "words"
     return {"text_encoder": config.text_encoder.value, "text_encoder_path": config.text_encoder_path,
             "pooled_text_encoder_path": config.pooled_text_encoder_path,
-            # a word encoder is the one in init.path (a finetune), else the one seeded by `seed`
-            "word_encoder": (f"init:{config.init.path}" if config.init.path else f"seed:{config.seed}") if words else "",
+            "word_encoder": word_encoder_origin(config) if words else "",
             "vae": config.vae.value, "vae_path": config.vae_path, "vae_config": config.vae_config,
             "bucket": list(config.data.buckets[0]), "frame_stride": config.data.frame_strides[0],
             "max_text_tokens": config.model.max_text_tokens}
@@ -70,6 +71,8 @@ def check_cache_source(dataset: Dataset, config) -> None:
     if recorded is None:
         return
     expected = cache_source(config)
+    if config.data.kind.value == "cache":   # pointed at the cache itself: its own shape is the run's
+        expected.update({k: recorded.get(k) for k in ("bucket", "frame_stride")})
     differ = sorted(k for k in expected.keys() | recorded.keys() if recorded.get(k) != expected.get(k))
     if differ:
         details = "; ".join(f"{k}: cache {recorded.get(k)!r}, this run {expected.get(k)!r}" for k in differ)
@@ -127,7 +130,8 @@ def write_cache(config, out_dir: str | Path, *, shard_size: int = 256) -> list[P
     from ..training.encoders import build_encoders
     from .loader import build_dataset
 
-    data_config = dataclasses.replace(config.data, random_crop=False, cache_dir="")
+    data_config = dataclasses.replace(config.data, random_crop=False, cache_dir="",
+                                      frame_strides=config.data.frame_strides[:1])   # the stride it records
     dataset = build_dataset(data_config)
     text_encoder, vae = build_encoders(config)
     bucket = data_config.buckets[0]

@@ -78,11 +78,21 @@ def build_text_encoder(config: TrainConfig, device: torch.device | str) -> TextE
     return HashedTextEncoder(m.text_dim, m.pooled_text_dim, m.max_text_tokens)
 
 
+def word_encoder_origin(config: TrainConfig) -> str:
+    """Which word encoder a run with `config` reads: 'init:PATH' (the one saved in init.path) or 'seed:N'."""
+    return f"init:{config.init.path}" if _saved_word_encoder(config.init.path) is not None else f"seed:{config.seed}"
+
+
+def _saved_word_encoder(path: str) -> Optional[WordTextEncoder]:
+    return load_word_encoder(path) if path and Path(path).is_file() else None
+
+
 def _init_word_encoder(config: TrainConfig) -> Optional[WordTextEncoder]:
     """The word encoder saved in `init.path` (a bundle), if any: the model there learnt to read exactly
     that one, so a finetune keeps it whatever `seed` says (a seeded one would be a different encoder)."""
     path = config.init.path  # the weights that read the text (cross-attention) come from here
-    if not (path and Path(path).is_file()) or (words := load_word_encoder(path)) is None:
+    words = _saved_word_encoder(path)
+    if words is None:
         return None
     m = config.model
     if (words.dim, words.max_tokens) != (m.text_dim, m.max_text_tokens):
