@@ -89,8 +89,9 @@ class Int8Linear(nn.Module):
         # divided down first and its output multiplied back (row-wise quantization is scale-invariant)
         down = (rows.abs().amax(dim=1, keepdim=True) / FP16_SAFE).clamp_min(1.0)
         qx, x_scale, _ = bf.int8_vectorwise_quant((rows / down).to(torch.float16))
-        acc = bf.int8_linear_matmul(qx, self.weight)
-        y = bf.int8_mm_dequant(acc, x_scale, self.weight_scale).float() * down
+        acc = bf.int8_linear_matmul(qx, self.weight)   # int32: sum of int8 products
+        # dequantized in float32 (bitsandbytes' int8_mm_dequant returns float16, which overflows at 65504)
+        y = acc.float() * (x_scale.float()[:, None] * down / 127) * (self.weight_scale.float()[None, :] / 127)
         if self.bias is not None:
             y = y + self.bias.float()
         return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
