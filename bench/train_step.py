@@ -1,5 +1,6 @@
 """Training-step time and peak memory: MaskDiT (50% of spatial tokens) vs unmasked, with and without
-gradient checkpointing, at the same batch. Each variant runs in its own process so peak memory is its own.
+gradient checkpointing, at the same batch. Each variant runs in its own process so peak memory is its own,
+the variants interleaved over `--rounds` rounds so they are timed side by side.
 
     python bench/train_step.py                                   # CPU, a small model
     python bench/train_step.py --device cuda --preset XL --frames 20 --size 256 --batch 4 --bf16
@@ -13,6 +14,7 @@ import argparse
 import json
 import platform
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -47,6 +49,7 @@ def parse() -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--bf16", action="store_true")
+    p.add_argument("--rounds", type=int, default=2, help="every variant once per round, rounds interleaved")
     p.add_argument("--variant", type=int, default=-1, help=argparse.SUPPRESS)  # child process
     return p.parse_args()
 
@@ -100,17 +103,21 @@ def main() -> None:
     if args.variant >= 0:
         print(json.dumps(run_variant(args)))
         return
-    rows = []
-    for i in range(len(VARIANTS)):
-        cmd = [sys.executable, __file__, *sys.argv[1:], "--variant", str(i)]
-        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-        rows.append(json.loads(out.strip().splitlines()[-1]))
+    runs: list[list[dict]] = [[] for _ in VARIANTS]
+    for _ in range(args.rounds):   # A B C D A B C D: a load change on the machine hits every variant
+        for i in range(len(VARIANTS)):
+            cmd = [sys.executable, __file__, *sys.argv[1:], "--variant", str(i)]
+            out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+            runs[i].append(json.loads(out.strip().splitlines()[-1]))
+    rows = [{"variant": r[0]["variant"], "step_s": statistics.median(x["step_s"] for x in r),
+             "peak_mib": max(x["peak_mib"] for x in r)} for r in runs]
     config = model_config(args)
     tokens = (args.frames // config.temporal_patch) * (args.size // config.patch_size) ** 2
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu"
     print(f"model {args.preset} depth {config.depth}+2 width {config.hidden_size}, batch {args.batch}, "
           f"latents {args.frames}x{args.size}x{args.size} ({tokens} tokens), "
-          f"{'bf16' if args.bf16 else 'fp32'}, {device}, {args.steps} timed steps (median)\n")
+          f"{'bf16' if args.bf16 else 'fp32'}, {device}, {args.steps} timed steps (median), {args.rounds} "
+          f"interleaved rounds (median of the rounds)\n")
     print("| variant | step time (s) | speed-up vs unmasked | peak memory (MiB) |")
     print("| --- | --- | --- | --- |")
     for row in rows:
