@@ -13,7 +13,7 @@ import torch
 
 from ..stiv_core.bundle import TrainedWith, read_trained_with, resolve_model_path
 from ..stiv_core.checkpoint import CheckpointError, load_config
-from ..stiv_core.memory import Budget, MemoryOptions, RunShape, VAEProfile, plan_memory
+from ..stiv_core.memory import PIXEL_VAE, Budget, MemoryOptions, RunShape, VAEProfile, plan_memory
 from ..stiv_core.memory.options import resolve_quant
 from ..stiv_core.memory.planner import GiB
 from ..stiv_core.sampling import GuidanceConfig, Stepper
@@ -21,7 +21,6 @@ from . import _comfy
 from .loader import DTYPES, model_ref, resolve_dtype
 
 ROUTE = "/stiv/plan"
-PIXEL_VAE = VAEProfile(weight_bytes=0, bytes_per_pixel=12.0, spatial_factor=1)
 
 
 def vae_profile(trained: Optional[TrainedWith]) -> VAEProfile:

@@ -19,7 +19,7 @@ import torch
 
 from .bundle import load_defaults, load_pipeline, resolve_model_path
 from .checkpoint import load_config
-from .memory import (Budget, MemoryOptions, QuantMode, RunShape, VAEProfile, WontFitError, apply_memory_options,
+from .memory import (PIXEL_VAE, Budget, MemoryOptions, QuantMode, RunShape, WontFitError, apply_memory_options,
                      plan_memory)
 from .memory.options import resolve_device, resolve_quant
 from .model.attention import AttentionBackend
@@ -29,8 +29,6 @@ from .sampling import GuidanceConfig, GuidanceMode, SamplerConfig, StepInfo, Ste
 from .video_io import output_kind, read_image, write_video
 
 log = logging.getLogger("stiv_core.generate")
-# Bundles carry the pixel "VAE" (bundle.SUPPORTED_VAES): no weights, float32 RGB per pixel, factor 1.
-PIXEL_VAE = VAEProfile(weight_bytes=0, bytes_per_pixel=12.0, spatial_factor=1)
 LOAD_DTYPE = torch.float32   # what the weights are loaded in (quantization aside); --plan-only plans the same
 
 

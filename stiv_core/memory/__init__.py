@@ -3,10 +3,10 @@ with prefetch (hooks), the memory planner, and `apply_memory_options`, the one e
 CLI, the Loader node and the trainer.
 """
 from .options import MemoryHandle, MemoryOptions, WontFitError, apply_memory_options, compile_blocks
-from .planner import Budget, MemoryPlan, RunShape, VAEProfile, plan_memory
+from .planner import PIXEL_VAE, Budget, MemoryPlan, RunShape, VAEProfile, plan_memory
 from .quant import FP8Format, QuantConfig, QuantMode, ScaleGranularity, quantize_blocks
 from .swap import BlockSwapper
 
-__all__ = ["BlockSwapper", "Budget", "FP8Format", "MemoryHandle", "MemoryOptions", "MemoryPlan", "QuantConfig",
+__all__ = ["PIXEL_VAE", "BlockSwapper", "Budget", "FP8Format", "MemoryHandle", "MemoryOptions", "MemoryPlan", "QuantConfig",
            "QuantMode", "RunShape", "ScaleGranularity", "VAEProfile", "WontFitError", "apply_memory_options",
            "compile_blocks", "plan_memory", "quantize_blocks"]

@@ -58,6 +58,10 @@ class VAEProfile:
     spatial_factor: int = 8
 
 
+# The built-in model's pixel "VAE" (bundle.SUPPORTED_VAES): no weights, float32 RGB per pixel, factor 1.
+PIXEL_VAE = VAEProfile(weight_bytes=0, bytes_per_pixel=12.0, spatial_factor=1)
+
+
 @dataclass(frozen=True)
 class Budget:
     """Free bytes on the device and in host RAM: what `probe` measures now (after anything else already

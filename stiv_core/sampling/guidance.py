@@ -87,13 +87,9 @@ def renormalize(v_guided: torch.Tensor, v_cond: torch.Tensor, generated: Optiona
 
     generated: optional `(B, T)` bool, True for the frames the norms are taken over (None: all frames).
     """
-    if generated is not None:
-        keep = generated.to(v_guided.device, v_guided.dtype)[:, None, :, None, None]
-        v_guided_n, v_cond_n = v_guided * keep, v_cond * keep
-    else:
-        v_guided_n, v_cond_n = v_guided, v_cond
-    per_sample = lambda v: torch.linalg.vector_norm(v.flatten(1), dim=1)
-    ratio = per_sample(v_cond_n) / per_sample(v_guided_n).clamp_min(eps)
+    keep = 1.0 if generated is None else generated.to(v_guided.device, v_guided.dtype)[:, None, :, None, None]
+    per_sample = lambda v: torch.linalg.vector_norm((v * keep).flatten(1), dim=1)
+    ratio = per_sample(v_cond) / per_sample(v_guided).clamp_min(eps)
     return v_guided * ratio.view(-1, *([1] * (v_guided.dim() - 1)))
 
 
