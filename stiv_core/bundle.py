@@ -26,6 +26,10 @@ from .pipeline import STIVPipeline
 BUILTIN_MODELS = {"tiny": Path(__file__).resolve().parent / "weights" / "stiv_tiny.safetensors"}
 VAE_KEY, DEFAULTS_KEY, ENCODERS_KEY = "vae", "sampling_defaults", "trained_with"
 SUPPORTED_VAES = ("pixel",)
+# What a bundle's weights are loaded in unless a caller asks otherwise: the built-in file is stored in
+# float16 to stay small, and float16 matmuls on a CPU without native half support run several times
+# slower than float32 (6x on an AMD EPYC here; see BENCHMARKS.md).
+LOAD_DTYPE = torch.float32
 
 
 @dataclass(frozen=True)
@@ -112,8 +116,9 @@ def load_defaults(path: str | os.PathLike) -> SamplingDefaults:
 
 
 def load_pipeline(ref: str | os.PathLike, *, device: str | torch.device = "cpu",
-                  dtype: Optional[torch.dtype] = None) -> STIVPipeline:
-    """The STIVPipeline of a bundle (a built-in name or a path), in eval mode on `device`."""
+                  dtype: Optional[torch.dtype] = LOAD_DTYPE) -> STIVPipeline:
+    """The STIVPipeline of a bundle (a built-in name or a path), in eval mode on `device`, its weights in
+    `dtype` (None: the stored dtype)."""
     path = resolve_model_path(ref)
     meta = read_metadata(path)
     if VOCAB_KEY not in meta or meta.get(VAE_KEY) not in SUPPORTED_VAES:

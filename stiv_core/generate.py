@@ -17,7 +17,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from .bundle import load_defaults, load_pipeline, resolve_model_path
+from .bundle import LOAD_DTYPE, load_defaults, load_pipeline, resolve_model_path
 from .checkpoint import load_config
 from .memory import (PIXEL_VAE, Budget, MemoryOptions, QuantMode, RunShape, WontFitError, apply_memory_options,
                      plan_memory)
@@ -29,7 +29,6 @@ from .sampling import GuidanceConfig, GuidanceMode, SamplerConfig, StepInfo, Ste
 from .video_io import output_kind, read_image, write_video
 
 log = logging.getLogger("stiv_core.generate")
-LOAD_DTYPE = torch.float32   # what the weights are loaded in (quantization aside); --plan-only plans the same
 
 
 def build_parser() -> argparse.ArgumentParser:
