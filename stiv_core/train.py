@@ -84,7 +84,11 @@ def main(argv: Optional[Sequence[str]] = None) -> TrainResult:
         config = load_config(args.config, overrides)
     except ConfigError as err:
         parser.error(str(err))  # exits with status 2 before anything is built
-    return train(config)
+    try:
+        return train(config)
+    except Stopped as stopped:   # asked to stop and saved: a message and the signal's exit status, no traceback
+        log.warning("%s; the same command resumes it", stopped)
+        raise SystemExit(stopped.exit_status) from None
 
 
 def train(config: TrainConfig) -> TrainResult:
@@ -172,7 +176,7 @@ def run(accelerator: Accelerator, config: TrainConfig) -> TrainResult:
                             stop.signum, state.step)
                 if saved_at != state.step:
                     save()
-                raise KeyboardInterrupt(f"signal {stop.signum}")
+                raise Stopped(stop.signum, state.step, config.output_dir)
     finally:
         stop.uninstall(previous_handlers)
         bar.close()
@@ -335,6 +339,16 @@ def _log_metrics(accelerator: Accelerator, config: TrainConfig, state: TrainerSt
 
 def _has_tensorboard() -> bool:
     return importlib.util.find_spec("tensorboard") is not None
+
+
+class Stopped(KeyboardInterrupt):
+    """The run stopped on request after saving step `step`; a KeyboardInterrupt, so that callers of
+    `train()` see the Ctrl-C they sent, and `main` exits quietly with 128 + the signal number."""
+
+    def __init__(self, signum: int | str, step: int, output_dir) -> None:
+        super().__init__(f"stopped by signal {signum} at step {step}, checkpoint saved in {output_dir}")
+        self.signum, self.step = signum, step
+        self.exit_status = 128 + signum if isinstance(signum, int) else 1   # "on another process": no number
 
 
 class StopRequest:

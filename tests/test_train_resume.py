@@ -203,6 +203,28 @@ def test_a_signal_mid_step_saves_a_consistent_checkpoint_after_that_step(tmp_pat
     assert_identical(tmp_path / "full/checkpoints/step_00000005", tmp_path / "split/checkpoints/step_00000005")
 
 
+def test_the_command_line_stops_quietly_with_the_signal_status(tmp_path, monkeypatch, caplog):
+    # `python stiv_core/train.py` asked to stop: the checkpoint, one line saying how to resume, exit status
+    # 128 + signal (what shells and schedulers expect), and no KeyboardInterrupt traceback.
+    step_once = trainer.train_step
+
+    def signalled(accelerator, model, optimizer, scheduler, batch, config, step):
+        loss = step_once(accelerator, model, optimizer, scheduler, batch, config, step)
+        if step == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return loss
+
+    monkeypatch.setattr(trainer, "train_step", signalled)
+    config = tmp_path / "run.toml"
+    config.write_text("max_steps = 5\ncheckpoint_every = 100\n")
+    with pytest.raises(SystemExit) as exited:
+        trainer.main(["--config", str(config), *TINY, f"output_dir={tmp_path / 'cli'}"])
+    assert exited.value.code == 128 + signal.SIGTERM
+    assert exited.value.__suppress_context__   # `from None`: no chained KeyboardInterrupt printed
+    assert [p.name for p in list_checkpoints(tmp_path / "cli")] == ["step_00000002"]
+    assert any("at step 2" in r.getMessage() and "resumes" in r.getMessage() for r in caplog.records)
+
+
 def test_a_step_the_grad_scaler_skipped_moves_neither_the_schedule_nor_the_ema(tmp_path, monkeypatch):
     # fp16 on a GPU: GradScaler skips an optimizer step whose gradients overflowed. Simulated on the CPU by
     # reporting steps 1 and 2 as skipped (the optimizer itself still runs here).
