@@ -1,11 +1,13 @@
 """shapes-bench scores ground truth ~100% and catches wrong colours, shapes and directions."""
 import dataclasses
+import json
 
+import pytest
 import torch
 
 from stiv_core.data.shapes import parse_caption, random_params, render
 from stiv_core.evaluate import (BenchConfig, GroundTruthModel, detect, direction_of, ground_truth, heldout_prompts,
-                                monotone, psnr, run_bench, track)
+                                main, monotone, psnr, run_bench, track)
 
 PROMPTS = heldout_prompts()[:12]
 
@@ -115,3 +117,47 @@ def test_a_path_with_a_missing_frame_or_a_jump_is_not_monotone():
     assert not monotone(track(hold_then_jump), 32, 32)
     backwards = clip[:, [0, 1, 2, 3, 2, 1, 4, 5, 6, 7, 8, 9, 10, 11, 12, 15]]
     assert not monotone(track(backwards), 32, 32)
+
+
+def test_several_seeds_per_prompt_average_every_video_and_keep_each_in_rows():
+    # Odd seeds get the wrong shape: with two seeds per prompt, exactly half the videos are wrong, and
+    # `rows` says which (the caption the evaluator read back). One seed is what it was before seeds existed.
+    prompts, used = PROMPTS[:3], []
+    other = {"circle": "square", "square": "triangle", "triangle": "circle"}
+
+    class OddSeedsWrong(GroundTruthModel):
+        def generate(self, caption, *, num_frames, seed, condition=None):
+            used.append(seed)
+            params = random_params(torch.Generator().manual_seed(seed), parse_caption(caption).combination)
+            if seed % 2:
+                params = dataclasses.replace(params, shape=other[params.shape])
+            return render(params, num_frames, self.config.height, self.config.width)
+
+    config = BenchConfig(tasks=("t2v",), seed=10)
+    run_bench(OddSeedsWrong(config), prompts, config)
+    assert used == [10, 11, 12]
+    used.clear()
+    rows: list[dict] = []
+    config = dataclasses.replace(config, seeds=2)
+    r = run_bench(OddSeedsWrong(config), prompts, config, rows)["t2v"]
+    assert used == [10, 11, 12, 13, 14, 15]
+    assert r["shape_acc"] == 0.5 and r["color_acc"] == 1.0 and "seen" not in r
+    assert [(row["caption"], row["seed"]) for row in rows] == [(p, 10 + i + 3 * k) for k in (0, 1)
+                                                              for i, p in enumerate(prompts)]
+    for row in rows:
+        want = parse_caption(row["caption"])
+        seen = parse_caption(row["seen"])
+        assert (seen.shape == want.shape) == (row["seed"] % 2 == 0) == bool(row["shape_acc"])
+        assert (seen.color, seen.direction, seen.background) == (want.color, want.direction, want.background)
+    with pytest.raises(ValueError, match="seeds"):
+        run_bench(GroundTruthModel(config), prompts, dataclasses.replace(config, seeds=0))
+
+
+def test_the_command_line_writes_the_means_and_every_video(tmp_path):
+    out = tmp_path / "bench.json"
+    main(["--model", "groundtruth", "--tasks", "t2v", "ti2v", "--limit", "2", "--seeds", "2", "--json", str(out)])
+    written = json.loads(out.read_text())
+    assert written["t2v"]["shape_acc"] == 1.0 and written["ti2v"]["direction_acc"] == 1.0
+    assert [(row["task"], row["seed"]) for row in written["rows"]] == [(t, s) for t in ("t2v", "ti2v")
+                                                                      for s in (0, 1, 2, 3)]
+    assert all(row["seen"] == row["caption"] for row in written["rows"] if row["task"] == "t2v")
