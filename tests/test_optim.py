@@ -4,8 +4,8 @@ import math
 import pytest
 import torch
 
-from stiv_core.training.config import OptimConfig, OptimizerKind
-from stiv_core.training.optim import AdaFactor, build_optimizer, build_scheduler, warmup_constant
+from stiv_core.training.config import ConfigError, OptimConfig, OptimizerKind
+from stiv_core.training.optim import AdaFactor, build_optimizer, build_scheduler, warmup_stable_decay
 
 
 def reference_adafactor(p0, grads, *, lr, beta1=0.9, beta2=0.999, eps=1e-30, clip=1.0, wd=0.0):
@@ -74,9 +74,9 @@ def test_adafactor_state_is_float32_for_bf16_params():
 
 
 def test_warmup_then_constant():
-    factor = warmup_constant(4)
+    factor = warmup_stable_decay(4)
     assert [factor(s) for s in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
-    assert warmup_constant(0)(0) == 1.0
+    assert warmup_stable_decay(0)(0) == 1.0
     param = torch.nn.Parameter(torch.zeros(2))
     config = OptimConfig(name=OptimizerKind.ADAMW, lr=1e-3, warmup_steps=2)
     opt = build_optimizer([param], config)
@@ -88,6 +88,42 @@ def test_warmup_then_constant():
         opt.step()
         sched.step()
     assert lrs == pytest.approx([5e-4, 1e-3, 1e-3])
+
+
+def test_decay_is_linear_from_its_start_to_the_floor_and_stays_there():
+    factor = warmup_stable_decay(2, decay_start=4, decay_steps=4, min_ratio=0.2)
+    assert [factor(s) for s in range(11)] == pytest.approx([0.5, 1, 1, 1, 1, 0.8, 0.6, 0.4, 0.2, 0.2, 0.2])
+    assert warmup_stable_decay(0, decay_start=0, decay_steps=2)(1) == pytest.approx(0.5)
+    with pytest.raises(ConfigError, match="optim.min_lr_ratio"):
+        OptimConfig(min_lr_ratio=1.5)
+    with pytest.raises(ConfigError, match="optim.decay_steps"):
+        OptimConfig(decay_steps=-1)
+
+
+def test_a_constant_run_resumed_with_a_decay_anneals_from_where_it_stopped():
+    # LambdaLR keeps no function in its state: the schedule of the resuming config applies from the
+    # checkpoint's step on, so a constant-LR run can be annealed late (WSD).
+    def lrs_after(sched_state, config, steps):
+        param = torch.nn.Parameter(torch.zeros(2))
+        opt = build_optimizer([param], config)
+        sched = build_scheduler(opt, config)
+        if sched_state is not None:
+            state = sched.state_dict()
+            state.update(sched_state)
+            sched.load_state_dict(state)
+        out = []
+        for _ in range(steps):
+            param.grad = torch.ones(2)
+            opt.step()
+            sched.step()
+            out.append(opt.param_groups[0]["lr"])
+        return out, sched.state_dict()
+
+    constant = OptimConfig(name=OptimizerKind.ADAMW, lr=1e-3, warmup_steps=1)
+    _, state = lrs_after(None, constant, 5)                       # 5 steps at 1e-3
+    annealed = OptimConfig(name=OptimizerKind.ADAMW, lr=1e-3, warmup_steps=1, decay_start=5, decay_steps=4)
+    lrs, _ = lrs_after(state, annealed, 5)                        # the LR for steps 6..10
+    assert lrs == pytest.approx([7.5e-4, 5e-4, 2.5e-4, 0.0, 0.0])
 
 
 def test_build_optimizer_kinds_and_frozen_params_left_out():

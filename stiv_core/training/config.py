@@ -73,6 +73,9 @@ class OptimConfig:
     eps: float = 1e-8           # AdamW's epsilon; AdaFactor adds 1e-30 to squared gradients
     weight_decay: float = 0.0
     warmup_steps: int = 1000    # linear warm-up, then constant
+    decay_steps: int = 0        # > 0: then linear decay to min_lr_ratio * lr over this many steps ...
+    decay_start: int = 0        # ... from this step (set it when resuming a constant-LR run to anneal it)
+    min_lr_ratio: float = 0.0
     grad_clip: float = 1.0      # max global grad norm; 0 disables
     ema_decay: float = 0.9999
 
@@ -82,6 +85,9 @@ class OptimConfig:
         for key in ("beta1", "beta2", "ema_decay"):
             _need(0 <= getattr(self, key) < 1, f"optim.{key}", "must be in [0, 1)", getattr(self, key))
         _need(self.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0", self.warmup_steps)
+        _need(self.decay_steps >= 0, "optim.decay_steps", "must be >= 0 (0: no decay)", self.decay_steps)
+        _need(self.decay_start >= 0, "optim.decay_start", "must be >= 0", self.decay_start)
+        _need(0 <= self.min_lr_ratio <= 1, "optim.min_lr_ratio", "must be in [0, 1]", self.min_lr_ratio)
         _need(self.grad_clip >= 0, "optim.grad_clip", "must be >= 0 (0 disables)", self.grad_clip)
         _need(self.weight_decay >= 0, "optim.weight_decay", "must be >= 0", self.weight_decay)
 

@@ -103,12 +103,19 @@ def build_optimizer(params: Iterable[torch.nn.Parameter], config: OptimConfig) -
     raise ValueError(f"unknown optimizer {config.name!r}; choose one of {[k.value for k in OptimizerKind]}")
 
 
-def warmup_constant(warmup_steps: int):
-    """LR multiplier for step s (0-based): (s + 1) / warmup_steps during warm-up, then 1."""
+def warmup_stable_decay(warmup_steps: int, decay_start: int = 0, decay_steps: int = 0, min_ratio: float = 0.0):
+    """LR multiplier for step s (0-based): (s + 1) / warmup_steps during warm-up, then 1; with
+    `decay_steps > 0`, linear from 1 at step `decay_start` down to `min_ratio` at `decay_start +
+    decay_steps`, then `min_ratio` (the WSD schedule: a run kept at a constant LR can be annealed from
+    any step, e.g. when resumed from its checkpoint, instead of committing to a length up front)."""
     def factor(step: int) -> float:
-        return 1.0 if warmup_steps == 0 else min(1.0, (step + 1) / warmup_steps)
+        value = 1.0 if warmup_steps == 0 else min(1.0, (step + 1) / warmup_steps)
+        if decay_steps > 0 and step >= decay_start:
+            value *= 1.0 - (1.0 - min_ratio) * min(1.0, (step - decay_start) / decay_steps)
+        return value
     return factor
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, config: OptimConfig) -> torch.optim.lr_scheduler.LambdaLR:
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_constant(config.warmup_steps))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_stable_decay(
+        config.warmup_steps, config.decay_start, config.decay_steps, config.min_lr_ratio))
