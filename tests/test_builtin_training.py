@@ -78,7 +78,10 @@ def test_shapes_bench_runs_a_bundle_and_writes_its_json(trained, tmp_path):
     results = evaluate.main(["--model", str(trained.model_path), "--limit", "2", "--steps", "2", "--keyframes", "2",
                              "--keyframe-stride", "3", "--json", str(out)])
     saved = json.loads(out.read_text())
+    rows = saved.pop("rows")   # and one row per video: 2 prompts x 4 tasks
     assert saved == results
+    assert [(row["task"], row["seed"]) for row in rows] == [(t, s) for t in ("t2v", "ti2v", "interp", "long")
+                                                            for s in (0, 1)]
     for key in ("color_acc", "shape_acc", "direction_acc"):
         assert 0.0 <= saved["t2v"][key] <= 1.0
     assert saved["ti2v"]["frame0_psnr"] >= 99  # pixel space + frame replacement: frame 0 is exact
