@@ -19,7 +19,7 @@ from typing import Optional, Protocol, Sequence
 import torch
 import torch.nn.functional as F
 
-from .data.shapes import (BACKGROUNDS, COLORS, DIRECTIONS, SHAPES, all_combinations, held_out,
+from .data.shapes import (BACKGROUNDS, COLORS, DIRECTIONS, SHAPES, all_combinations, caption_for, held_out,
                           parse_caption, random_params, render, shape_mask)
 from .pipeline import FrameCondition, GenerationRequest, STIVPipeline, generate, generate_long
 from .sampling import GuidanceConfig, SamplerConfig
@@ -170,7 +170,7 @@ class BenchConfig:
 
 def heldout_prompts() -> list[str]:
     """Captions of every combination held out of training."""
-    return [f"a {c} {s} moving {d} on a {b} background" for c, s, d, b in all_combinations() if held_out((c, s, d, b))]
+    return [caption_for(*c) for c in all_combinations() if held_out(c)]
 
 
 def ground_truth(caption: str, num_frames: int, config: BenchConfig, seed: int) -> torch.Tensor:
@@ -210,7 +210,7 @@ def _t2v(model: VideoModel, caption: str, config: BenchConfig, seed: int) -> dic
             "color_swap": color == want.background or background == want.color,
             "direction_acc": direction == want.direction,
             "motion": mean(speeds) if speeds else 0.0, "smoothness": mean(accel) if accel else 0.0,
-            "seconds": seconds, "seen": f"a {color} {shape} moving {direction} on a {background} background"}
+            "seconds": seconds, "seen": caption_for(color, shape, direction, background)}
 
 
 def _ti2v(model: VideoModel, caption: str, config: BenchConfig, seed: int) -> dict[str, float]:

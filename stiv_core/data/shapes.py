@@ -55,11 +55,16 @@ class ShapeParams:
 
     @property
     def caption(self) -> str:
-        return f"a {self.color} {self.shape} moving {self.direction} on a {self.background} background"
+        return caption_for(*self.combination)
 
     @property
     def combination(self) -> tuple[str, str, str, str]:
         return self.color, self.shape, self.direction, self.background
+
+
+def caption_for(color, shape, direction, background) -> str:
+    """The domain's caption of a (colour, shape, direction, background) combination."""
+    return f"a {color} {shape} moving {direction} on a {background} background"
 
 
 def all_combinations() -> list[tuple[str, str, str, str]]:
