@@ -33,7 +33,7 @@ latent channels, scale and shift) and say which ComfyUI encoder to connect when 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import torch
 
@@ -179,15 +179,17 @@ def bare_pipeline(model: Any, trained: TrainedWith) -> STIVPipeline:
 
 class ComfyVideoVAE:
     """A ComfyUI image VAE applied to each frame of `(B, 3, T, H, W)` pixels in [-1, 1] (the `VideoVAE`
-    contract), `chunk_frames` frames per call; latents are scaled by `scaling`."""
+    contract), `chunk_frames` frames per call; latents are scaled by `scaling`. `latent_range`: the bound
+    of the model's latent space (its own VAE's, e.g. pixel space's 1.0) that the sampler may clamp to."""
 
-    def __init__(self, vae: Any, *, scaling: LatentScaling, chunk_frames: int = 16):
+    def __init__(self, vae: Any, *, scaling: LatentScaling, chunk_frames: int = 16,
+                 latent_range: Optional[float] = None):
         if getattr(vae, "latent_dim", 2) != 2:
             raise ValueError(f"the connected VAE has {vae.latent_dim}-D latents (a video or audio VAE); STIV "
                              f"encodes each frame with an image VAE (2-D latents)")
         if chunk_frames < 1:
             raise ValueError(f"chunk_frames must be >= 1, got {chunk_frames}")
-        self.vae, self.scaling, self.chunk_frames = vae, scaling, chunk_frames
+        self.vae, self.scaling, self.chunk_frames, self.latent_range = vae, scaling, chunk_frames, latent_range
         self.latent_channels = int(vae.latent_channels)
         self.spatial_factor = int(vae.spacial_compression_encode())
 
@@ -221,7 +223,8 @@ class ComfyVideoVAE:
 def comfy_vae_for(pipeline: STIVPipeline, vae: Any, *, chunk_frames: int = 16) -> ComfyVideoVAE:
     """A ComfyUI VAE in the latent space of `pipeline`'s model, or a clear error when it is another one."""
     own = pipeline.vae
-    adapter = ComfyVideoVAE(vae, scaling=LatentScaling.of(own), chunk_frames=chunk_frames)
+    adapter = ComfyVideoVAE(vae, scaling=LatentScaling.of(own), chunk_frames=chunk_frames,
+                            latent_range=getattr(own, "latent_range", None))
     channels = pipeline.model.config.latent_channels
     if adapter.latent_channels != channels:
         raise ValueError(f"the connected VAE gives {adapter.latent_channels}-channel latents, but this STIV model "

@@ -3,8 +3,9 @@
 Each frame is segmented by colour (the background is the frame's median colour; the object is what
 differs from it), the object's colour, shape and centre are named, and the centre track gives the
 direction of motion (on the torus the domain lives on). Over a prompt set it scores T2V (colour,
-shape, direction, background), TI2V (frame-0 PSNR, direction), interpolation (endpoint PSNR, monotone
-path), long videos (colour drift first -> last keyframe), motion and smoothness, and seconds/video.
+shape, direction, background), TI2V (frame-0 PSNR, colour/shape/background kept in the generated
+frames, direction), interpolation (endpoint PSNR, monotone path), long videos (colour drift first ->
+last keyframe), motion and smoothness, and seconds/video.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from .data.shapes import (BACKGROUNDS, COLORS, DIRECTIONS, SHAPES, all_combinations, caption_for, held_out,
-                          parse_caption, random_params, render, shape_mask)
+                          ShapeParams, parse_caption, random_params, render, shape_mask)
 from .pipeline import FrameCondition, GenerationRequest, STIVPipeline, generate, generate_long
 from .sampling import GuidanceConfig, SamplerConfig
 
@@ -192,6 +193,18 @@ class GroundTruthModel:
         return ground_truth(caption, (keyframes - 1) * stride + 1, self.config, seed)
 
 
+def _identity(dets: Sequence[Detection]) -> tuple[Optional[str], Optional[str], Optional[str]]:
+    """The majority (colour, shape, background) over the frames."""
+    return (majority([d.color for d in dets]), majority([d.shape for d in dets]),
+            majority([d.background for d in dets]))
+
+
+def _identity_scores(dets: Sequence[Detection], want: ShapeParams) -> dict[str, bool]:
+    color, shape, background = _identity(dets)
+    return {"color_acc": color == want.color, "shape_acc": shape == want.shape,
+            "background_acc": background == want.background}
+
+
 def _t2v(model: VideoModel, caption: str, config: BenchConfig, seed: int) -> dict[str, float]:
     want = parse_caption(caption)
     start = time.perf_counter()
@@ -201,11 +214,9 @@ def _t2v(model: VideoModel, caption: str, config: BenchConfig, seed: int) -> dic
     moves = displacements(dets, config.height, config.width)
     speeds = [math.hypot(*m) for m in moves]
     accel = [math.hypot(b[0] - a[0], b[1] - a[1]) for a, b in zip(moves, moves[1:])]
-    color, background = majority([d.color for d in dets]), majority([d.background for d in dets])
-    shape, direction = majority([d.shape for d in dets]), direction_of(dets, config.height, config.width)
-    return {"color_acc": color == want.color,
-            "shape_acc": shape == want.shape,
-            "background_acc": background == want.background,
+    color, shape, background = _identity(dets)
+    direction = direction_of(dets, config.height, config.width)
+    return {**_identity_scores(dets, want),
             # the caption's two colours exchanged (object drawn in the background's colour or vice versa)
             "color_swap": color == want.background or background == want.color,
             "direction_acc": direction == want.direction,
@@ -219,8 +230,10 @@ def _ti2v(model: VideoModel, caption: str, config: BenchConfig, seed: int) -> di
     video = model.generate(caption, num_frames=config.num_frames, seed=seed, condition=condition)
     dets = track(video)
     moves = displacements(dets, config.height, config.width)
+    want = parse_caption(caption)
     return {"frame0_psnr": psnr(video[:, 0], truth[:, 0]),
-            "direction_acc": direction_of(dets, config.height, config.width) == parse_caption(caption).direction,
+            **_identity_scores(dets[1:], want),   # kept in the generated frames (frame 0 is given)
+            "direction_acc": direction_of(dets, config.height, config.width) == want.direction,
             "motion": mean(math.hypot(*m) for m in moves) if moves else 0.0,
             "net_motion": math.hypot(mean(m[0] for m in moves), mean(m[1] for m in moves)) if moves else 0.0}
 
@@ -319,6 +332,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     p.add_argument("--guidance", default="jit")
     p.add_argument("--scale", type=float, default=7.5)
     p.add_argument("--image-scale", type=float, default=1.5)
+    p.add_argument("--no-clip-denoised", action="store_true", help="sampler: no clamp of clean estimates")
     p.add_argument("--keyframes", type=int, default=16)
     p.add_argument("--keyframe-stride", type=int, default=7)
     args = p.parse_args(argv)
@@ -337,7 +351,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         config = BenchConfig(d.num_frames, d.height, d.width, args.keyframes, args.keyframe_stride,
                              tasks=tuple(args.tasks), seeds=args.seeds)
         sampler = SamplerConfig(steps=args.steps, shift=d.shift, guidance=GuidanceConfig(
-            args.guidance, scale=args.scale, image_scale=args.image_scale))
+            args.guidance, scale=args.scale, image_scale=args.image_scale), clip_denoised=not args.no_clip_denoised)
         model = PipelineModel(load_pipeline(path), config, sampler)
     rows: list[dict] = []
     results = run_bench(model, prompts, config, rows)

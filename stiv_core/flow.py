@@ -46,6 +46,19 @@ def data_from_velocity(velocity: torch.Tensor, x_t: torch.Tensor, t: torch.Tenso
     return x_t + (1 - _expand(t, x_t)) * velocity
 
 
+def clamp_data(velocity: torch.Tensor, x_t: torch.Tensor, t: float, limit: float) -> torch.Tensor:
+    """The velocity whose clean sample `x_t + (1 - t) v` is clamped to [-limit, limit].
+
+    Static thresholding (DDPM, Imagen) for latent spaces with a known range (pixels in [-1, 1]): strong
+    guidance extrapolates the clean estimate far out of range (a white background guided to +5), and the
+    final clamp to the range then washes out whatever sits on it. `1 - t` is floored as in
+    `velocity_from_prediction`, so for t <= 1 - MIN_REMAINING_TIME the clamp is exact.
+    """
+    remaining = max(1.0 - float(t), MIN_REMAINING_TIME)
+    x1 = x_t + remaining * velocity
+    return (x1.clamp(-limit, limit) - x_t) / remaining
+
+
 def flow_loss(velocity: torch.Tensor, target: torch.Tensor, frame_weight: Optional[torch.Tensor] = None,
               spatial_weight: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Mean squared velocity error over `(B, C, T, H, W)`, counting only frames with weight > 0.

@@ -50,6 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scale", type=float, default=7.5, help="guidance scale (text, or text+image for jit)")
     p.add_argument("--image-scale", type=float, default=1.5, help="SIT-CFG image scale")
     p.add_argument("--renorm", action="store_true", help="CFG renormalisation to the conditional norm")
+    p.add_argument("--no-clip-denoised", action="store_true",
+                   help="don't clamp each step's clean estimate to the pixel range (pixel-space models)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--fps", type=float)
     p.add_argument("--upscale", type=int, default=1, help="enlarge the written frames (nearest neighbour)")
@@ -122,7 +124,8 @@ def make_job(args: argparse.Namespace, model_path: Path) -> Job:
         check_long_video(load_config(model_path).temporal_patch, args.keyframes, stride)
     sampler = SamplerConfig(steps=args.steps or d.steps, shift=args.shift or d.shift, stepper=args.stepper,
                             guidance=GuidanceConfig(args.guidance, scale=args.scale, image_scale=args.image_scale,
-                                                    renormalize=args.renorm))
+                                                    renormalize=args.renorm),
+                            clip_denoised=not args.no_clip_denoised)
     request = GenerationRequest(args.prompt, frames, height, width, seed=args.seed, sampler=sampler,
                                 condition=_condition(args, args.keyframes or frames, height, width),
                                 negative_prompt=args.negative_prompt)

@@ -67,7 +67,12 @@ class TextEncoder(Protocol):
 
 @runtime_checkable
 class VideoVAE(Protocol):
-    """Per-frame autoencoder. Pixels are `(B, 3, T, H, W)` in [-1, 1]."""
+    """Per-frame autoencoder. Pixels are `(B, 3, T, H, W)` in [-1, 1].
+
+    Optional attribute `latent_range: float`: clean latents lie in [-latent_range, latent_range] (pixel
+    space: 1.0); the sampler then clamps its clean estimates to it (see `flow.clamp_data`). Learned VAEs
+    have no such bound and leave it out.
+    """
 
     latent_channels: int
     spatial_factor: int  # pixels per latent along H and W

@@ -109,7 +109,7 @@ class STIVPipeline:
         micro = MicroConditions(request.height, request.width, request.num_frames,
                                 frame_stride=request.frame_stride).tensor(len(prompts))
         plan = plan if plan is not None else self.plan(request, len(prompts))
-        inputs = SampleInputs(text, micro, plan, negative)
+        inputs = SampleInputs(text, micro, plan, negative, getattr(self.vae, "latent_range", None))
         return sample(self.model, seeded_noise(shape, request.seed), inputs, request.sampler, callback=callback)
 
     @torch.inference_mode()

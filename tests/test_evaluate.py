@@ -18,6 +18,7 @@ def test_ground_truth_scores_full_marks():
     for key in ("color_acc", "shape_acc", "direction_acc", "background_acc"):
         assert r["t2v"][key] == 1.0, key
     assert r["ti2v"]["frame0_psnr"] >= 99 and r["ti2v"]["direction_acc"] == 1.0
+    assert r["ti2v"]["color_acc"] == r["ti2v"]["shape_acc"] == r["ti2v"]["background_acc"] == 1.0
     assert r["interp"]["endpoint_psnr"] >= 99 and r["interp"]["monotone_rate"] == 1.0
     assert r["long"]["color_drift"] == 0.0 and r["long"]["color_kept"] == 1.0 and r["long"]["frames"] == 46
     assert r["t2v"]["motion"] > 0.5 and r["seconds_per_video"] > 0 and r["t2v"]["color_swap"] == 0.0
@@ -87,6 +88,22 @@ def test_ti2v_motion_is_the_true_speed_and_zero_for_a_stale_video():
 
     r = run_bench(Stale(config), [caption], config)["ti2v"]
     assert r["motion"] == 0.0 and r["net_motion"] == 0.0 and r["direction_acc"] == 0.0
+
+
+def test_ti2v_scores_the_generated_frames_not_the_given_one():
+    """A model that keeps the given first frame and then draws another shape fails TI2V shape."""
+    config = BenchConfig(tasks=("ti2v",))
+    caption = next(p for p in PROMPTS if parse_caption(p).shape != "circle")
+
+    class Morphs(GroundTruthModel):
+        def generate(self, caption, *, condition=None, **kw):
+            clip = super().generate(caption, condition=condition, **kw)
+            p = random_params(torch.Generator().manual_seed(0), parse_caption(caption).combination)
+            other = render(dataclasses.replace(p, shape="circle"), clip.shape[1], 32, 32)
+            return torch.cat([condition.pixels[0, :, :1], other[:, 1:]], dim=1)
+
+    r = run_bench(Morphs(config), [caption], config)["ti2v"]
+    assert r["frame0_psnr"] >= 99 and r["shape_acc"] == 0.0 and r["color_acc"] == r["background_acc"] == 1.0
 
 
 def test_a_video_with_its_two_colours_exchanged_counts_as_a_swap():

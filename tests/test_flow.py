@@ -32,6 +32,21 @@ def test_data_prediction_converts_to_the_same_velocity():
         flow.velocity_from_prediction(x1, x_t, t, "epsilon")
 
 
+def test_clamp_data_clamps_the_implied_clean_sample_and_keeps_one_in_range():
+    g = torch.Generator().manual_seed(2)
+    x_t = torch.randn(2, 3, 2, 4, 4, generator=g, dtype=torch.float64)
+    x1 = 3 * torch.randn(2, 3, 2, 4, 4, generator=g, dtype=torch.float64)   # mostly out of [-1, 1]
+    for t in (0.0, 0.5, 0.9):
+        v = flow.velocity_from_prediction(x1, x_t, torch.full((2,), t, dtype=torch.float64), "data")
+        clamped = flow.clamp_data(v, x_t, t, 1.0)
+        torch.testing.assert_close(flow.data_from_velocity(clamped, x_t, torch.tensor(t, dtype=torch.float64)),
+                                   x1.clamp(-1, 1))
+        inside = x1.abs() <= 1
+        torch.testing.assert_close(clamped[inside], v[inside])   # in-range values: the velocity unchanged
+    # past 1 - MIN_REMAINING_TIME the floor of `velocity_from_prediction` is used, never a division by ~0
+    assert torch.isfinite(flow.clamp_data(torch.ones(3), torch.zeros(3), 1.0, 0.5)).all()
+
+
 def test_loss_counts_only_weighted_frames():
     pred, target = torch.zeros(1, 1, 3, 2, 2), torch.zeros(1, 1, 3, 2, 2)
     pred[:, :, 0] = 10.0  # a huge error on frame 0 only

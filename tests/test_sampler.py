@@ -1,4 +1,5 @@
 """The frame-replacement sampler: batched guidance passes, steppers, given frames, callbacks."""
+import dataclasses
 import math
 from types import SimpleNamespace
 
@@ -11,6 +12,9 @@ from stiv_core.sampling import (GenerationCancelled, GuidanceConfig, SampleInput
                                 sample)
 from stiv_core.sampling.guidance import separate_image_text_cfg
 from stiv_core.sampling.sampler import guided_velocity
+from stiv_core import pipeline as pipeline_module
+from stiv_core.pipeline import GenerationRequest
+from stiv_core.encoders.pixel import PixelVAE
 from tests.fakes import tiny_pipeline
 
 
@@ -141,6 +145,34 @@ def test_data_prediction_lands_exactly_on_the_predicted_clip(stepper):
     out = sample(model, noise(target.shape), inputs, SamplerConfig(steps=4, stepper=stepper, shift=3.0,
                                                                       guidance=GuidanceConfig("none")))
     torch.testing.assert_close(out, target)
+
+
+@pytest.mark.parametrize("stepper", [Stepper.EULER, Stepper.HEUN])
+def test_clip_denoised_clamps_to_the_latent_range_only_when_it_is_known_and_asked_for(stepper):
+    """A data prediction out of range (as strong guidance makes): pixel space lands on the clamped clip."""
+    target = 3 * noise((1, 2, 4, 2, 2), 7)
+    model = FieldModel(lambda x, t: target.expand_as(x), prediction="data")
+    inputs = SampleInputs(tiny_pipeline().encode_text(["x"]), torch.zeros(1, 6), FrameReplacementPlan.text_to_video(4))
+    pixel = dataclasses.replace(inputs, latent_range=1.0)
+
+    def run(inputs, clip):
+        return sample(model, noise(target.shape), inputs, SamplerConfig(steps=4, stepper=stepper, clip_denoised=clip,
+                                                                       guidance=GuidanceConfig("none")))
+
+    torch.testing.assert_close(run(pixel, True), target.clamp(-1, 1))
+    torch.testing.assert_close(run(pixel, False), target)
+    torch.testing.assert_close(run(inputs, True), target)   # no known range (a learned VAE): untouched
+
+
+def test_the_pipeline_passes_its_vae_range_to_the_sampler(monkeypatch):
+    seen = []
+    monkeypatch.setattr(pipeline_module, "sample", lambda model, noise, inputs, config, **kw:
+                        seen.append(inputs.latent_range) or noise)
+    pipe = tiny_pipeline()
+    pipe.sample_latents(GenerationRequest("a red circle", 4, 8, 8))   # a VAE without a range
+    pipe.vae.latent_range = 2.0
+    pipe.sample_latents(GenerationRequest("a red circle", 4, 8, 8))
+    assert seen == [None, 2.0] and PixelVAE.latent_range == 1.0
 
 
 def test_heun_is_second_order_on_a_known_ode():

@@ -11,6 +11,7 @@ import torch
 class PixelVAE:
     latent_channels = 3
     spatial_factor = 1
+    latent_range = 1.0   # the sampler may clamp its clean estimates to this (SamplerConfig.clip_denoised)
 
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
         """`(B, 3, T, H, W)` in [-1, 1] -> the same tensor (a float copy)."""

@@ -26,6 +26,9 @@ class SamplerConfig:
     shift: float = 1.0
     stepper: Stepper = Stepper.EULER
     guidance: GuidanceConfig = field(default_factory=GuidanceConfig)
+    # Clamp each step's clean estimate to the latent space's range when it has one (`SampleInputs.
+    # latent_range`: pixel space does, learned VAEs don't): see `flow.clamp_data`.
+    clip_denoised: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "stepper", Stepper(self.stepper))
@@ -38,12 +41,14 @@ class SampleInputs:
 
     text: fitted to the model's max tokens; micro: `(B, 6)` (see `MicroConditions`);
     negative: replaces the learned null text in passes that drop the text, when given.
+    latent_range: clean latents lie in [-latent_range, latent_range] (the VAE's `latent_range`), or None.
     """
 
     text: TextEmbedding
     micro: torch.Tensor
     plan: FrameReplacementPlan
     negative: Optional[TextEmbedding] = None
+    latent_range: Optional[float] = None
 
 
 @dataclass(frozen=True)
@@ -107,6 +112,9 @@ def sample(model: torch.nn.Module, noise: torch.Tensor, inputs: SampleInputs, co
             raise ValueError(f"{name} embedding has batch {emb.batch}, the noise has {batch}")
     plan = inputs.plan
     velocity = guided_velocity(model, inputs, config.guidance, batch)
+    if config.clip_denoised and inputs.latent_range is not None:
+        guided, limit = velocity, inputs.latent_range
+        velocity = lambda x, t: flow.clamp_data(guided(x, t), x, t, limit)
     constrain = lambda x, t: plan.renoise(x, noise, t)
     step_fn = STEPPERS[config.stepper]
     times = time_grid(config.steps, shift=config.shift).tolist()
