@@ -199,8 +199,9 @@ def _identity(dets: Sequence[Detection]) -> tuple[Optional[str], Optional[str], 
             majority([d.background for d in dets]))
 
 
-def _identity_scores(dets: Sequence[Detection], want: ShapeParams) -> dict[str, bool]:
-    color, shape, background = _identity(dets)
+def _identity_scores(identity: tuple[Optional[str], Optional[str], Optional[str]],
+                     want: ShapeParams) -> dict[str, bool]:
+    color, shape, background = identity
     return {"color_acc": color == want.color, "shape_acc": shape == want.shape,
             "background_acc": background == want.background}
 
@@ -214,9 +215,10 @@ def _t2v(model: VideoModel, caption: str, config: BenchConfig, seed: int) -> dic
     moves = displacements(dets, config.height, config.width)
     speeds = [math.hypot(*m) for m in moves]
     accel = [math.hypot(b[0] - a[0], b[1] - a[1]) for a, b in zip(moves, moves[1:])]
-    color, shape, background = _identity(dets)
+    identity = _identity(dets)
+    color, shape, background = identity
     direction = direction_of(dets, config.height, config.width)
-    return {**_identity_scores(dets, want),
+    return {**_identity_scores(identity, want),
             # the caption's two colours exchanged (object drawn in the background's colour or vice versa)
             "color_swap": color == want.background or background == want.color,
             "direction_acc": direction == want.direction,
@@ -232,7 +234,7 @@ def _ti2v(model: VideoModel, caption: str, config: BenchConfig, seed: int) -> di
     moves = displacements(dets, config.height, config.width)
     want = parse_caption(caption)
     return {"frame0_psnr": psnr(video[:, 0], truth[:, 0]),
-            **_identity_scores(dets[1:], want),   # kept in the generated frames (frame 0 is given)
+            **_identity_scores(_identity(dets[1:]), want),   # kept in the generated frames (frame 0 is given)
             "direction_acc": direction_of(dets, config.height, config.width) == want.direction,
             "motion": mean(math.hypot(*m) for m in moves) if moves else 0.0,
             "net_motion": math.hypot(mean(m[0] for m in moves), mean(m[1] for m in moves)) if moves else 0.0}
