@@ -13,6 +13,7 @@ from typing import Any, Optional
 import torch
 
 from ..stiv_core.bundle import SamplingDefaults
+from ..stiv_core.conditioning import FramesDoNotFit, Task, given_frames
 from ..stiv_core.memory import MemoryHandle
 from ..stiv_core.pipeline import FrameCondition, STIVPipeline
 from ..stiv_core.video_io import fit_image
@@ -37,13 +38,22 @@ class STIVModel:
 
 
 class FramePosition(str, enum.Enum):
-    """Which frames of the video the condition images are."""
+    """Which frames of the video the condition images are: the widget's words for the tasks."""
 
     FIRST = "first"              # TI2V
     LAST = "last"
     FIRST_LAST = "first+last"    # interpolation
     FIRST_K = "first k"          # video prediction
     KEYFRAMES = "keyframes"      # every `stride`-th frame from 0
+
+    @property
+    def task(self) -> Task:
+        return _TASKS[self]
+
+
+_TASKS = {FramePosition.FIRST: Task.TI2V, FramePosition.LAST: Task.LAST_FRAME,
+          FramePosition.FIRST_LAST: Task.INTERPOLATION, FramePosition.FIRST_K: Task.PREDICTION,
+          FramePosition.KEYFRAMES: Task.KEYFRAMES}
 
 
 @dataclass(frozen=True)
@@ -56,35 +66,24 @@ class ImageCondition:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "position", FramePosition(self.position))
-        k, need = self.pixels.shape[0], {FramePosition.FIRST: 1, FramePosition.LAST: 1,
-                                         FramePosition.FIRST_LAST: 2}.get(self.position)
+        k, need = self.pixels.shape[0], self.position.task.fixed_count
         if need is not None and k != need:
             raise STIVInputError(f"'{self.position.value}' takes {need} image{'s' * (need > 1)}, got a batch "
                                  f"of {k}; pick 'first k' or 'keyframes' to give several frames")
         if self.stride < 1:
             raise STIVInputError(f"keyframe stride must be >= 1, got {self.stride}")
 
-    def indices(self, num_frames: int) -> tuple[int, ...]:
-        k, p = self.pixels.shape[0], self.position
-        if p is FramePosition.FIRST:
-            idx = [0]
-        elif p is FramePosition.LAST:
-            idx = [num_frames - 1]
-        elif p is FramePosition.FIRST_LAST:
-            idx = [0, num_frames - 1]
-        elif p is FramePosition.FIRST_K:
-            idx = list(range(k))
-        else:
-            idx = [i * self.stride for i in range(k)]
-        if len(set(idx)) != len(idx) or max(idx) >= num_frames:
-            raise STIVInputError(f"{k} image(s) as '{p.value}' (stride {self.stride}) need frames {idx}, "
-                                 f"but the video has {num_frames} (0..{num_frames - 1}); give fewer images "
-                                 f"or more frames")
-        return tuple(idx)
-
     def frame_condition(self, num_frames: int, height: int, width: int) -> FrameCondition:
         """The pipeline's FrameCondition; images of another size are centre-cropped and resized."""
-        indices = self.indices(num_frames)
+        k, p = self.pixels.shape[0], self.position
+        try:
+            indices = given_frames(p.task, num_frames, count=k, stride=self.stride)
+        except FramesDoNotFit as err:
+            raise STIVInputError(f"{k} image(s) as '{p.value}' (stride {self.stride}) need frames {list(err.indices)}, "
+                                 f"but the video has {num_frames} (0..{num_frames - 1}); give fewer images "
+                                 f"or more frames") from None
+        except ValueError as err:
+            raise STIVInputError(f"{k} image(s) as '{p.value}': {err}") from None
         pixels = self.pixels
         if pixels.shape[-2:] != (height, width):
             log.warning("condition images are %dx%d px; centre-cropped and resized to the video's %dx%d",

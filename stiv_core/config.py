@@ -14,6 +14,10 @@ from typing import Any, Literal
 Prediction = Literal["velocity", "data"]
 ALLOWED_TEMPORAL_PATCHES = (1, 2, 4)
 
+# The micro-conditions, in the order of the model's embedders (one per column of the `(B, 6)` tensor): part
+# of every trained checkpoint, so never reordered.
+MICRO_CONDITIONS = ("height", "width", "crop_top", "crop_left", "frame_stride", "num_frames")
+
 
 @dataclass(frozen=True)
 class STIVConfig:

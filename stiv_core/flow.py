@@ -20,9 +20,12 @@ import torch
 MIN_REMAINING_TIME = 0.05
 
 
-def interpolate(x1: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """x_t for data `x1` `(B, ...)`, noise of the same shape and `t` `(B,)`."""
-    t = _expand(t, x1)
+def interpolate(x1: torch.Tensor, noise: torch.Tensor, t: torch.Tensor | float) -> torch.Tensor:
+    """x_t for data `x1` `(B, ...)`, noise of the same shape and `t` `(B,)`, or one time (a float) for all."""
+    if not isinstance(t, torch.Tensor):
+        t = float(t)  # a sampler's time: Python-scalar arithmetic, so no float32 rounding of t itself
+    else:
+        t = _expand(t, x1)
     return t * x1 + (1 - t) * noise
 
 

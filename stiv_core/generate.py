@@ -19,6 +19,7 @@ import torch
 
 from .bundle import LOAD_DTYPE, load_defaults, load_pipeline, resolve_model_path
 from .checkpoint import load_config
+from .conditioning import Task, given_frames
 from .memory import (PIXEL_VAE, Budget, MemoryOptions, QuantMode, RunShape, WontFitError, apply_memory_options,
                      plan_memory)
 from .memory.options import resolve_device, resolve_quant
@@ -136,20 +137,28 @@ def make_job(args: argparse.Namespace, model_path: Path) -> Job:
 def _condition(args: argparse.Namespace, frames: int, height: int, width: int) -> Optional[FrameCondition]:
     """The given frames of the clip the first pass samples: `frames` is --frames, or --keyframes for a long
     video (whose last keyframe is where --last-image goes)."""
-    paths, indices = [], []
-    if args.condition_frames:
-        paths, indices = list(args.condition_frames), list(range(len(args.condition_frames)))
-    elif args.image or args.last_image:
-        paths += [args.image] if args.image else []
-        indices += [0] if args.image else []
-        paths += [args.last_image] if args.last_image else []
-        indices += [frames - 1] if args.last_image else []
+    paths, task = condition_paths(args)
     if not paths:
         return None
-    if max(indices) >= frames:
-        raise ValueError(f"{len(paths)} condition frames do not fit a {frames}-frame video")
+    try:
+        indices = given_frames(task, frames, count=len(paths))
+    except ValueError as err:
+        raise ValueError(f"{len(paths)} condition frames do not fit a {frames}-frame video: {err}") from None
     pixels = torch.stack([read_image(p, height, width) for p in paths], dim=1)  # (3, k, H, W)
-    return FrameCondition(pixels[None], tuple(indices))
+    return FrameCondition(pixels[None], indices)
+
+
+def condition_paths(args: argparse.Namespace) -> tuple[list[str], Task]:
+    """The condition images in frame order and the task they make."""
+    if args.condition_frames:
+        return list(args.condition_frames), Task.PREDICTION
+    if args.image and args.last_image:
+        return [args.image, args.last_image], Task.INTERPOLATION
+    if args.image:
+        return [args.image], Task.TI2V
+    if args.last_image:
+        return [args.last_image], Task.LAST_FRAME
+    return [], Task.T2V
 
 
 def run(pipeline: STIVPipeline, job: Job, *, progress: bool = True) -> torch.Tensor:

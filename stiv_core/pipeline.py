@@ -11,7 +11,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from .conditioning import FrameReplacementPlan, MicroConditions
+from .conditioning import FrameReplacementPlan, MicroConditions, Task
 from .interfaces import TextEmbedding, TextEncoder, VideoVAE
 from .model.transformer import STIVTransformer
 from .sampling import SampleInputs, SamplerConfig, sample
@@ -22,7 +22,8 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class FrameCondition:
-    """Given frames in pixels `(B, 3, k, H, W)` in [-1, 1] (B = 1 broadcasts) at frame `indices`."""
+    """Given frames in pixels `(B, 3, k, H, W)` in [-1, 1] (B = 1 broadcasts) at frame `indices` (from
+    `conditioning.given_frames`: the CLI and the nodes turn their task into indices with it)."""
 
     pixels: torch.Tensor
     indices: tuple[int, ...]
@@ -82,7 +83,7 @@ class STIVPipeline:
     def plan(self, request: GenerationRequest, batch: int) -> FrameReplacementPlan:
         cond = request.condition
         if cond is None:
-            return FrameReplacementPlan.text_to_video(request.num_frames)
+            return FrameReplacementPlan.for_task(Task.T2V, request.num_frames)
         pixels = cond.pixels
         if pixels.shape[-2:] != (request.height, request.width):
             raise ValueError(f"condition frames are {pixels.shape[-1]}x{pixels.shape[-2]} px, the video "
@@ -213,7 +214,7 @@ def temporal_upsample_latents(pipeline: STIVPipeline, request: GenerationRequest
     pieces, done = [], 0
     for i, start in enumerate(starts):
         keys = latents[:, :, start // 2 : start // 2 + window // 2]
-        plan = FrameReplacementPlan.keyframes(keys, window, stride=2)
+        plan = FrameReplacementPlan.for_task(Task.KEYFRAMES, window, keys, stride=2)
         out = pipeline.sample_latents(replace(request, num_frames=window, condition=None,
                                               seed=request.seed + TUP_SEED_OFFSET + i),
                                       plan=plan, callback=callback)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from stiv_core import flow
-from stiv_core.conditioning import FrameReplacementPlan
+from stiv_core.conditioning import FrameReplacementPlan, Task
 from tests.fakes import tiny_pipeline
 
 
@@ -64,7 +64,7 @@ def test_given_frames_get_no_gradient_through_frame_replacement_and_loss():
     g = torch.Generator().manual_seed(2)
     x1 = torch.randn(2, 12, 4, 4, 4, generator=g)
     noise = torch.randn(x1.shape, generator=g)
-    plan = FrameReplacementPlan.first_frame(x1[:, :, 0], 4)
+    plan = FrameReplacementPlan.for_task(Task.TI2V, 4, x1[:, :, 0])
     t = torch.tensor([0.3, 0.8])
     x_t = flow.interpolate(x1, noise, t).requires_grad_(True)
     text = pipe.encode_text(["a red circle", "a blue square"])

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from stiv_core.conditioning import FrameReplacementPlan, MicroConditions
+from stiv_core.conditioning import FrameReplacementPlan, Task, MicroConditions
 from stiv_core.sampling import (GenerationCancelled, GuidanceConfig, SampleInputs, SamplerConfig, Stepper,
                                 sample)
 from stiv_core.sampling.guidance import separate_image_text_cfg
@@ -48,10 +48,10 @@ def noise(shape, seed=0):
 def test_given_frames_are_bit_identical_after_sampling(mode, task):
     pipe = tiny_pipeline()
     clean = noise((2, 12, 8, 4, 4), seed=5)
-    plan = {"ti2v": lambda: FrameReplacementPlan.first_frame(clean[:, :, 0], 8),
+    plan = {"ti2v": lambda: FrameReplacementPlan.for_task(Task.TI2V, 8, clean[:, :, 0]),
             "interp": lambda: FrameReplacementPlan.interpolation(clean[:, :, 0], clean[:, :, 7], 8),
-            "keyframes": lambda: FrameReplacementPlan.keyframes(clean[:, :, ::3], 8, stride=3),
-            "prediction": lambda: FrameReplacementPlan.prediction(clean[:, :, :3], 8)}[task]()
+            "keyframes": lambda: FrameReplacementPlan.for_task(Task.KEYFRAMES, 8, clean[:, :, ::3], stride=3),
+            "prediction": lambda: FrameReplacementPlan.for_task(Task.PREDICTION, 8, clean[:, :, :3])}[task]()
     config = SamplerConfig(steps=3, guidance=GuidanceConfig(mode, scale=4.0, image_scale=2.0))
     out = sample(pipe.model, noise(clean.shape), inputs_for(pipe, ["a red circle", "a cat"], plan), config)
     idx = list(plan.given)
@@ -109,7 +109,7 @@ def test_batched_sit_passes_equal_separate_forwards():
     try:
         pipe = tiny_pipeline()
         clean, x = noise((2, 12, 4, 4, 4), 1), noise((2, 12, 4, 4, 4), 2)
-        plan = FrameReplacementPlan.first_frame(clean[:, :, 0], 4)
+        plan = FrameReplacementPlan.for_task(Task.TI2V, 4, clean[:, :, 0])
         inputs = inputs_for(pipe, ["red circle left", "blue square up"], plan)
         config = GuidanceConfig("sit", scale=7.5, image_scale=1.5)
         with torch.no_grad():
@@ -125,7 +125,7 @@ def test_batched_sit_passes_equal_separate_forwards():
 def test_negative_prompt_replaces_the_null_text():
     pipe = tiny_pipeline()
     x = noise((1, 12, 4, 4, 4), 3)
-    inputs = inputs_for(pipe, ["red circle"], FrameReplacementPlan.text_to_video(4))
+    inputs = inputs_for(pipe, ["red circle"], FrameReplacementPlan.for_task(Task.T2V, 4))
     negative = SampleInputs(inputs.text, inputs.micro, inputs.plan, pipe.encode_text(["blurry"]))
     config = GuidanceConfig("cfg", scale=5.0)
     with torch.no_grad():
@@ -140,7 +140,7 @@ def test_negative_prompt_replaces_the_null_text():
 def test_data_prediction_lands_exactly_on_the_predicted_clip(stepper):
     target = noise((1, 2, 4, 2, 2), 7)
     model = FieldModel(lambda x, t: target.expand_as(x), prediction="data")
-    plan = FrameReplacementPlan.text_to_video(4)
+    plan = FrameReplacementPlan.for_task(Task.T2V, 4)
     inputs = SampleInputs(tiny_pipeline().encode_text(["x"]), torch.zeros(1, 6), plan)
     out = sample(model, noise(target.shape), inputs, SamplerConfig(steps=4, stepper=stepper, shift=3.0,
                                                                       guidance=GuidanceConfig("none")))
@@ -152,7 +152,7 @@ def test_clip_denoised_clamps_to_the_latent_range_only_when_it_is_known_and_aske
     """A data prediction out of range (as strong guidance makes): pixel space lands on the clamped clip."""
     target = 3 * noise((1, 2, 4, 2, 2), 7)
     model = FieldModel(lambda x, t: target.expand_as(x), prediction="data")
-    inputs = SampleInputs(tiny_pipeline().encode_text(["x"]), torch.zeros(1, 6), FrameReplacementPlan.text_to_video(4))
+    inputs = SampleInputs(tiny_pipeline().encode_text(["x"]), torch.zeros(1, 6), FrameReplacementPlan.for_task(Task.T2V, 4))
     pixel = dataclasses.replace(inputs, latent_range=1.0)
 
     def run(inputs, clip):
@@ -179,7 +179,7 @@ def test_heun_is_second_order_on_a_known_ode():
     """dx/dt = -x from t=0 to 1: x(1) = x(0) / e; Heun's error shrinks ~4x per halving, Euler's ~2x."""
     x0 = noise((1, 2, 4, 2, 2), 8)
     model = FieldModel(lambda x, t: -x)
-    inputs = SampleInputs(tiny_pipeline().encode_text(["x"]), torch.zeros(1, 6), FrameReplacementPlan.text_to_video(4))
+    inputs = SampleInputs(tiny_pipeline().encode_text(["x"]), torch.zeros(1, 6), FrameReplacementPlan.for_task(Task.T2V, 4))
 
     def error(stepper, steps):
         out = sample(model, x0, inputs, SamplerConfig(steps=steps, stepper=stepper, guidance=GuidanceConfig("none")))
@@ -192,7 +192,7 @@ def test_heun_is_second_order_on_a_known_ode():
 
 def test_callback_sees_every_step_and_can_stop_the_run():
     pipe = tiny_pipeline()
-    inputs = inputs_for(pipe, ["red"], FrameReplacementPlan.text_to_video(4))
+    inputs = inputs_for(pipe, ["red"], FrameReplacementPlan.for_task(Task.T2V, 4))
     seen = []
     sample(pipe.model, noise((1, 12, 4, 4, 4)), inputs, SamplerConfig(steps=5, shift=2.0),
            callback=lambda info: seen.append((info.step, info.total, info.t, info.denoised.shape)))
@@ -207,7 +207,7 @@ def test_callback_sees_every_step_and_can_stop_the_run():
 
 def test_mismatched_inputs_are_refused_before_any_step():
     pipe = tiny_pipeline()
-    inputs = inputs_for(pipe, ["red"], FrameReplacementPlan.text_to_video(4))
+    inputs = inputs_for(pipe, ["red"], FrameReplacementPlan.for_task(Task.T2V, 4))
     with pytest.raises(ValueError, match="plan is for 4 frames"):
         sample(pipe.model, noise((1, 12, 6, 4, 4)), inputs, SamplerConfig(steps=2))
     with pytest.raises(ValueError, match="batch"):

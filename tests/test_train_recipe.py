@@ -6,7 +6,8 @@ from stiv_core.config import preset
 from stiv_core.data.stand_ins import HashedTextEncoder
 from stiv_core.model.transformer import STIVTransformer
 from stiv_core.training.config import RecipeConfig
-from stiv_core.training.recipe import (Task, TrainBatch, draw_conditioning, given_frames, masking_active,
+from stiv_core.conditioning import FrameReplacementPlan, Task
+from stiv_core.training.recipe import (TRAINED_TASKS, TrainBatch, draw_conditioning, masking_active, trained_frames,
                                        training_loss)
 
 CONFIG = preset("tiny", depth=1, hidden_size=32, num_heads=2, text_dim=16, pooled_text_dim=16,
@@ -21,12 +22,12 @@ def make_batch(b=4, frames=4, size=16):
 
 def test_given_frames_per_task():
     recipe = RecipeConfig(prediction_frames=3, keyframe_stride=3)
-    assert given_frames(Task.T2V, 8, recipe) == []
-    assert given_frames(Task.TI2V, 8, recipe) == [0]
-    assert given_frames(Task.PREDICTION, 8, recipe) == [0, 1, 2]
-    assert given_frames(Task.INTERPOLATION, 8, recipe) == [0, 7]
-    assert given_frames(Task.KEYFRAMES, 8, recipe) == [0, 3, 6]
-    assert given_frames(Task.PREDICTION, 2, recipe) == [0]  # never every frame
+    assert trained_frames(Task.T2V, 8, recipe) == []
+    assert trained_frames(Task.TI2V, 8, recipe) == [0]
+    assert trained_frames(Task.PREDICTION, 8, recipe) == [0, 1, 2]
+    assert trained_frames(Task.INTERPOLATION, 8, recipe) == [0, 7]
+    assert trained_frames(Task.KEYFRAMES, 8, recipe) == [0, 3, 6]
+    assert trained_frames(Task.PREDICTION, 2, recipe) == [0]  # never every frame
 
 
 def test_dropout_rates_and_independence():
@@ -114,3 +115,29 @@ def test_maskdit_scores_only_the_kept_tokens():
     grad = model.out.grad.permute(0, 2, 1, 3, 4)   # (B, T, C, H, W)
     assert torch.count_nonzero(grad[~kept[:, None, None].expand_as(grad)]) == 0
     assert torch.count_nonzero(grad[kept[:, None, None].expand_as(grad)]) == int(kept.sum()) * 4 * 3
+
+
+@pytest.mark.parametrize("frames", [1, 2, 4, 8])
+def test_every_training_task_is_its_sampling_plan(frames):
+    """The trainer gives exactly the frames the sampler's plan of the same task gives (one rule, in
+    conditioning.given_frames), for the k and S the recipe picks."""
+    recipe = RecipeConfig(prediction_frames=3, keyframe_stride=3)
+    clip = torch.randn(1, 3, frames, 4, 4)
+    for task in TRAINED_TASKS:
+        given = trained_frames(task, frames, recipe)
+        assert len(given) < frames or frames == 1 and not given  # something is always generated
+        if not given:
+            continue
+        stride = recipe.keyframe_stride if task is Task.KEYFRAMES else 1
+        plan_task = Task.TI2V if task is Task.INTERPOLATION and frames == 2 else task
+        plan = FrameReplacementPlan.for_task(plan_task, frames, clip[:, :, given], stride=stride)
+        assert list(plan.given) == given
+
+
+def test_the_loss_mask_comes_from_the_plan_of_the_drawn_tasks():
+    recipe = RecipeConfig(task_t2v=1, task_ti2v=1, task_prediction=1, task_interpolation=1, task_keyframes=1,
+                          image_dropout=0.0)
+    cond = draw_conditioning(64, 8, 16, recipe, masked=False, generator=torch.Generator().manual_seed(4))
+    for task, row in zip(cond.tasks, cond.given):
+        assert row.nonzero().flatten().tolist() == trained_frames(task, 8, recipe)
+    assert set(cond.tasks) == set(TRAINED_TASKS) and set(recipe.task_weights) == set(TRAINED_TASKS)

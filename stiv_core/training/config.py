@@ -23,6 +23,7 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from ..checkpoint import CheckpointError, recorded_config
+from ..conditioning import Task
 from ..config import STIVConfig, preset
 
 
@@ -125,8 +126,9 @@ class RecipeConfig:
         _need(self.time_shift > 0, "recipe.time_shift", "must be > 0", self.time_shift)
 
     @property
-    def task_weights(self) -> dict[str, float]:
-        return {f.name[5:]: getattr(self, f.name) for f in dataclasses.fields(self) if f.name.startswith("task_")}
+    def task_weights(self) -> dict[Task, float]:
+        """The mixture's relative weights by task (the `task_<name>` fields, `<name>` a `Task` value)."""
+        return {Task(f.name[5:]): getattr(self, f.name) for f in dataclasses.fields(self) if f.name.startswith("task_")}
 
 
 @dataclass(frozen=True)

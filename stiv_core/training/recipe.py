@@ -7,40 +7,39 @@ learned null text). Given frames enter the model as their clean latents and weig
 """
 from __future__ import annotations
 
-import enum
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
 from .. import flow
+from ..conditioning import FrameReplacementPlan, Task, given_frames
 from ..interfaces import TextEmbedding
 from ..model.transformer import STIVTransformer, num_spatial_tokens, sample_keep_index
 from .config import RecipeConfig
 
 
-class Task(str, enum.Enum):
-    T2V = "t2v"                       # nothing given
-    TI2V = "ti2v"                     # the first frame
-    PREDICTION = "prediction"         # the first k frames
-    INTERPOLATION = "interpolation"   # the first and the last frame
-    KEYFRAMES = "keyframes"           # every S-th frame
+TRAINED_TASKS = (Task.T2V, Task.TI2V, Task.PREDICTION, Task.INTERPOLATION, Task.KEYFRAMES)
 
 
-def given_frames(task: Task, num_frames: int, recipe: RecipeConfig) -> list[int]:
-    """Latent frame indices the task gives; never all of them (something must be generated)."""
-    if task == Task.T2V or num_frames == 1:
+def trained_frames(task: Task, num_frames: int, recipe: RecipeConfig) -> list[int]:
+    """The latent frames `task` gives in a training clip, by `given_frames` (the sampler's rule) with the
+    recipe's k and S; never all of them (something must be generated): a 1-frame clip (T2I) gives none,
+    prediction at most T - 1 frames, interpolation of 2 frames only the first, keyframes that would cover
+    every frame only the first."""
+    if task is Task.T2V or num_frames == 1:
         return []
-    if task == Task.TI2V:
-        return [0]
-    if task == Task.PREDICTION:
-        return list(range(min(recipe.prediction_frames, num_frames - 1)))
-    if task == Task.INTERPOLATION:
-        return [0, num_frames - 1] if num_frames > 2 else [0]
-    if task == Task.KEYFRAMES:
-        keys = list(range(0, num_frames, recipe.keyframe_stride))
-        return keys if len(keys) < num_frames else keys[:1]
-    raise ValueError(f"unknown task {task!r}")
+    if task is Task.PREDICTION:
+        return list(given_frames(task, num_frames, count=min(recipe.prediction_frames, num_frames - 1)))
+    if task is Task.INTERPOLATION and num_frames == 2:
+        return list(given_frames(Task.TI2V, num_frames))
+    if task is Task.KEYFRAMES:
+        count = -(-num_frames // recipe.keyframe_stride)
+        return list(given_frames(task, num_frames, count=count if count < num_frames else 1,
+                                 stride=recipe.keyframe_stride))
+    if task in TRAINED_TASKS:
+        return list(given_frames(task, num_frames))
+    raise ValueError(f"task {task!r} is not part of the training mixture {[t.value for t in TRAINED_TASKS]}")
 
 
 @dataclass(frozen=True)
@@ -55,13 +54,14 @@ class Conditioning:
 
 def draw_conditioning(batch: int, num_frames: int, num_spatial: int, recipe: RecipeConfig, *,
                       masked: bool, generator: torch.Generator) -> Conditioning:
-    names = list(recipe.task_weights)
-    weights = torch.tensor([recipe.task_weights[n] for n in names], dtype=torch.float64)
+    mixture = recipe.task_weights
+    names = list(mixture)
+    weights = torch.tensor([mixture[n] for n in names], dtype=torch.float64)
     picks = torch.multinomial(weights, batch, replacement=True, generator=generator)
-    tasks = tuple(Task(names[i]) for i in picks.tolist())
+    tasks = tuple(names[i] for i in picks.tolist())
     given = torch.zeros(batch, num_frames, dtype=torch.bool)
     for row, task in enumerate(tasks):
-        given[row, given_frames(task, num_frames, recipe)] = True
+        given[row, trained_frames(task, num_frames, recipe)] = True
     drop_image = torch.rand(batch, generator=generator) < recipe.image_dropout
     given[drop_image] = False
     text_drop = torch.rand(batch, generator=generator) < recipe.text_dropout
@@ -101,15 +101,15 @@ def training_loss(model: torch.nn.Module, batch: TrainBatch, recipe: RecipeConfi
     noise = torch.randn(x1.shape, generator=generator)
     device = x1.device
     t, noise, given = t.to(device), noise.to(device), cond.given.to(device)
-    x_t = flow.interpolate(x1, noise, t)
-    # Frame replacement: given frames are seen clean, exactly as the sampler shows them.
-    x_in = torch.where(given[:, None, :, None, None], x1, x_t)
+    # Frame replacement: given frames are seen clean, exactly as the sampler shows them (the same plan).
+    plan = FrameReplacementPlan.per_sample(x1, given)
+    x_in = plan.replace(flow.interpolate(x1, noise, t))
     keep = cond.keep_index.to(device) if cond.keep_index is not None else None
     out = model(x_in, t, batch.text.tokens, batch.text.mask, batch.text.pooled, batch.micro,
-                frame_mask=given, text_drop=cond.text_drop.to(device), keep_index=keep)
+                frame_mask=plan.frame_mask(b, device), text_drop=cond.text_drop.to(device), keep_index=keep)
     velocity = flow.velocity_from_prediction(out.float(), x_in, t, config.prediction)
     spatial = None if keep is None else kept_pixels(keep, h, w, config.patch_size)
-    loss = flow.flow_loss(velocity, flow.velocity_target(x1, noise), (~given).float(), spatial)
+    loss = flow.flow_loss(velocity, flow.velocity_target(x1, noise), plan.loss_weight(b), spatial)
     return loss, cond
 
 
