@@ -24,6 +24,7 @@ from safetensors.torch import load_file
 
 from .checkpoint import check_keys, check_safetensors, model_metadata, save_state_dict
 from .config import STIVConfig, preset
+from .flow import TIMESTEP_SCALE
 from .model.transformer import STIVTransformer
 from .pixart import (ConversionError, KeyStyle, PixArtShape, carried_tensors, key_style, pixart_shape,
                      to_original_names)
@@ -37,7 +38,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 DIFFERENCES = (
     "prediction: PixArt predicts noise (epsilon) under a DDPM schedule (timestep 0 = data, 999 = noise); "
     "STIV predicts velocity under flow matching (t = 0 noise, t = 1 data). The time direction is mapped "
-    "exactly (the timestep embedder's first layer is composed with s = 1000 * (1 - t)), the noise levels "
+    f"exactly (the timestep embedder's first layer is composed with s = {TIMESTEP_SCALE:g} * (1 - t)), the noise levels "
     "(DDPM alpha-bar vs linear interpolation) and the output quantity are not: fine-tune before sampling.",
     "positions: PixArt's absolute 2D sin-cos position embedding (pos_embed, added to the tokens) is "
     "dropped; STIV uses 2D RoPE in spatial attention and 1D RoPE in temporal attention, which no PixArt "

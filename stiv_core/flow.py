@@ -5,7 +5,7 @@ Convention (the paper's): time `t` runs over [0, 1]; **t = 0 is pure Gaussian no
     velocity v = dx_t/dt = x1 - x0      (the training target)
 Sampling integrates dx/dt = v from t = 0 to t = 1. A "shift" > 1 spends more of the steps near
 t = 0 (high noise), which large resolutions need (SD3's timestep shift, written for this convention).
-The network sees `t` itself (the embedder scales it); if it predicts clean data instead of velocity
+The network embeds `TIMESTEP_SCALE * t` (DiT's and PixArt's timestep range); if it predicts clean data instead of velocity
 (`STIVConfig.prediction == "data"`), `velocity_from_prediction` turns that into velocity here.
 """
 from __future__ import annotations
@@ -14,6 +14,10 @@ import math
 from typing import Optional
 
 import torch
+
+# The model's timestep embedder sees u = TIMESTEP_SCALE * t; the PixArt converter's time reversal
+# (PixArt's s = 1000 - u, s = 0 data) holds because this equals PixArt's 1000 DDPM timesteps.
+TIMESTEP_SCALE = 1000.0
 
 # 1 - t never goes below this when dividing by it (data prediction at t -> 1): smaller values let
 # the velocity of a data-predicting network, and so its training loss, blow up near the data end.

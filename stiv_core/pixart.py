@@ -14,9 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .flow import TIMESTEP_SCALE
 from .model.transformer import inflate_patch_embed
-
-PIXART_TIMESTEPS = 1000  # PixArt's DDPM timesteps: 0 = data, 999 = noise
 
 
 class ConversionError(ValueError):
@@ -141,12 +140,13 @@ def pixart_shape(state: dict[str, torch.Tensor], name: str = "source") -> PixArt
 def time_reversal(frequency_dim: int = 256, max_period: float = 10000.0) -> torch.Tensor:
     """`M` with `emb(T - u) = M @ emb(u)` for the [cos | sin] sinusoid of `layers.sinusoidal_embedding`.
 
-    STIV embeds `u = 1000 t` (t = 0 noise); PixArt embeds its timestep `s = 1000 - u` (s = 0 data).
+    STIV embeds `u = TIMESTEP_SCALE t` (t = 0 noise; see flow.py); PixArt embeds its DDPM timestep
+    `s = T - u` (s = 0 data, T = 1000 timesteps, which is TIMESTEP_SCALE).
     Composing PixArt's first timestep layer with M gives it the same input it had, from STIV's time.
     """
     half = frequency_dim // 2
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float64) / half)
-    cos, sin = torch.cos(PIXART_TIMESTEPS * freqs), torch.sin(PIXART_TIMESTEPS * freqs)
+    cos, sin = torch.cos(TIMESTEP_SCALE * freqs), torch.sin(TIMESTEP_SCALE * freqs)
     # cos(f(T-u)) = cos(fT) cos(fu) + sin(fT) sin(fu);  sin(f(T-u)) = sin(fT) cos(fu) - cos(fT) sin(fu)
     top = torch.cat([torch.diag(cos), torch.diag(sin)], dim=1)
     bottom = torch.cat([torch.diag(sin), -torch.diag(cos)], dim=1)

@@ -9,6 +9,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..config import MICRO_CONDITIONS, STIVConfig
+from ..flow import TIMESTEP_SCALE
 from .attention import AttentionBackend
 from .layers import (CrossAttention, FeedForward, ScalarEmbedder, SelfAttention, modulate,
                      stateless_norm)
@@ -131,7 +132,7 @@ class STIVTransformer(nn.Module):
 
     def condition(self, t: torch.Tensor, micro: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
         """The singleton condition `(B, D)`: timestep + micro-conditions + pooled text."""
-        c = self.t_embedder(t * 1000.0) + self.pooled_proj(pooled)
+        c = self.t_embedder(t * TIMESTEP_SCALE) + self.pooled_proj(pooled)
         for i, embedder in enumerate(self.micro_embedders):
             c = c + embedder(micro[:, i])
         return c
