@@ -36,8 +36,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from stiv_core.conditioning import MICRO_CONDITIONS  # noqa: E402
-from stiv_core.config import STIVConfig  # noqa: E402
+from stiv_core.config import MICRO_CONDITIONS, STIVConfig  # noqa: E402
+from stiv_core.interfaces import TextEmbedding  # noqa: E402
 from stiv_core.model import STIVTransformer  # noqa: E402
 
 LATENT_CHANNELS, PATCH, FREQ_DIM = 4, 2, 256
@@ -89,8 +89,7 @@ def make_inputs(a: argparse.Namespace):
     x = torch.randn(b, LATENT_CHANNELS, a.frames, a.size, a.size, generator=g)
     text = torch.randn(b, a.text_tokens, a.text_dim, generator=g)
     mask = torch.ones(b, a.text_tokens, dtype=torch.bool)
-    ours = dict(x=x, t=torch.full((b,), 0.5), text=text, text_mask=mask,
-                pooled_text=torch.randn(b, a.text_dim, generator=g),
+    ours = dict(x=x, t=torch.full((b,), 0.5), text=TextEmbedding(text, mask, torch.randn(b, a.text_dim, generator=g)),
                 micro=torch.zeros(b, len(MICRO_CONDITIONS)))
     # Latte's forward passes the text mask to its blocks as an additive bias `(B*T, 1, L)` (0 = keep,
     # -10000 = drop), one row per frame, as diffusers' Transformer2DModel would have built it.

@@ -31,6 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from stiv_core.config import STIVConfig, preset  # noqa: E402
+from stiv_core.interfaces import TextEmbedding  # noqa: E402
 from stiv_core.memory.options import MemoryOptions, apply_memory_options  # noqa: E402
 from stiv_core.memory.planner import GiB, MiB, Budget, RunShape, plan_memory  # noqa: E402
 from stiv_core.memory.quant import QuantMode  # noqa: E402
@@ -68,10 +69,11 @@ def inputs_for(config: STIVConfig, shape: RunShape, device: str, dtype: torch.dt
     b = shape.passes * shape.batch  # all guidance passes in one batched forward, as the sampler runs
     g = torch.Generator().manual_seed(0)
     x = torch.randn(b, config.latent_channels, shape.frames, shape.height, shape.width, generator=g)
-    cpu = dict(x=x, t=torch.rand(b, generator=g), text=torch.randn(b, config.max_text_tokens, config.text_dim),
-               text_mask=torch.ones(b, config.max_text_tokens, dtype=torch.bool),
-               pooled_text=torch.randn(b, config.pooled_text_dim), micro=torch.randn(b, 6))
-    return {k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype) for k, v in cpu.items()}
+    cpu = dict(x=x, t=torch.rand(b, generator=g), micro=torch.randn(b, 6))
+    inputs = {k: v.to(device=device, dtype=dtype) for k, v in cpu.items()}
+    text = TextEmbedding(torch.randn(b, config.max_text_tokens, config.text_dim),
+                         torch.ones(b, config.max_text_tokens, dtype=torch.bool), torch.randn(b, config.pooled_text_dim))
+    return {**inputs, "text": text.to(device=device, dtype=dtype)}
 
 
 def timed(model, inputs, device: str) -> float:

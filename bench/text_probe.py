@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+from stiv_core import flow  # noqa: E402
 from stiv_core.bundle import load_pipeline  # noqa: E402
 from stiv_core.conditioning import MicroConditions  # noqa: E402
 from stiv_core.data.shapes import COLORS, SHAPES, parse_caption  # noqa: E402
@@ -50,14 +51,14 @@ def clean_estimate(pipe: STIVPipeline, clip: torch.Tensor, caption: str, t: floa
     """The model's clean clip `(3, T, H, W)` from the clip noised to time t, in one forward pass."""
     x1 = pipe.vae.encode(clip[None])
     noise = torch.randn(x1.shape, generator=torch.Generator().manual_seed(seed))
-    x_t = t * x1 + (1 - t) * noise
+    x_t = flow.interpolate(x1, noise, t)
     text = pipe.encode_text([caption])
     _, _, frames, height, width = clip[None].shape
     micro = MicroConditions(height, width, frames).tensor(1)
     t_in = torch.tensor([t])
-    out = pipe.model(x_t, t_in, text.tokens, text.mask, text.pooled, micro).float()
-    if pipe.model.config.prediction != "data":  # velocity: x1 = x_t + (1 - t) v
-        out = x_t + (1 - t) * out
+    out = pipe.model(x_t, t_in, text, micro).float()
+    if pipe.model.config.prediction != "data":
+        out = flow.data_from_velocity(out, x_t, t_in)
     return pipe.vae.decode(out)[0].clamp(-1, 1)
 
 

@@ -34,6 +34,11 @@ class TextEmbedding:
     def batch(self) -> int:
         return self.tokens.shape[0]
 
+    def __getitem__(self, rows) -> TextEmbedding:
+        """The embedding of some batch rows (an int keeps its batch dimension, as `x[i : i + 1]`)."""
+        rows = slice(rows, rows + 1) if isinstance(rows, int) else rows
+        return TextEmbedding(self.tokens[rows], self.mask[rows], self.pooled[rows])
+
     def fit(self, max_tokens: int) -> TextEmbedding:
         """Exactly `max_tokens` tokens: longer texts are truncated (with a warning), shorter padded."""
         length = self.tokens.shape[1]

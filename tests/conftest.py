@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from stiv_core.config import STIVConfig
+from stiv_core.interfaces import TextEmbedding
 from stiv_core.model.transformer import STIVTransformer
 
 # head_dim 16 (divisible by 4 for 2D RoPE); text_dim != hidden_size != pooled_text_dim on purpose,
@@ -68,9 +69,8 @@ def make_inputs():
         return dict(
             x=torch.randn(batch, config.latent_channels, frames, height, width, generator=g, dtype=dtype),
             t=torch.rand(batch, generator=g, dtype=dtype),
-            text=torch.randn(batch, text_len, config.text_dim, generator=g, dtype=dtype),
-            text_mask=text_mask,
-            pooled_text=torch.randn(batch, config.pooled_text_dim, generator=g, dtype=dtype),
+            text=TextEmbedding(torch.randn(batch, text_len, config.text_dim, generator=g, dtype=dtype), text_mask,
+                               torch.randn(batch, config.pooled_text_dim, generator=g, dtype=dtype)),
             micro=micro.clone().to(dtype),
         )
 

@@ -28,6 +28,7 @@ from safetensors.torch import save_file
 from stiv_core.checkpoint import load_model
 from stiv_core.config import preset
 from stiv_core.convert import CONVERSION_KEY, convert_pixart, main
+from stiv_core.interfaces import TextEmbedding
 from stiv_core.model.rope import apply_rope, grid_positions, rope_tables
 from stiv_core.pixart import ConversionError
 from stiv_core.model.transformer import STIVTransformer
@@ -165,7 +166,7 @@ class TestConvertedForward:
         g = torch.Generator().manual_seed(2)
         pooled, micro = torch.randn(2, 128, generator=g), torch.rand(2, 6, generator=g) * 100
         with torch.no_grad():
-            video = model(image[:, :, None].repeat(1, 1, frames, 1, 1), t, text, mask, pooled, micro)
+            video = model(image[:, :, None].repeat(1, 1, frames, 1, 1), t, TextEmbedding(text, mask, pooled), micro)
             expected = pixart_reference(sd, image, 1000 * (1 - t), text, mask)
         assert expected.abs().mean() > 0.1  # a non-trivial output
         for f in range(frames):
@@ -260,8 +261,8 @@ class TestTrainerFromConvertedFile:
         initialize(model, config.init)
         image, text, mask, t = _inputs()
         with torch.no_grad():
-            video = model.eval()(image[:, :, None].repeat(1, 1, frames, 1, 1), t, text, mask,
-                                 torch.randn(2, 128), torch.rand(2, 6) * 100)
+            video = model.eval()(image[:, :, None].repeat(1, 1, frames, 1, 1), t,
+                                 TextEmbedding(text, mask, torch.randn(2, 128)), torch.rand(2, 6) * 100)
             expected = pixart_reference(sd, image, 1000 * (1 - t), text, mask, heads=self.SOURCE_HEADS)
         for f in range(frames):
             torch.testing.assert_close(video[:, :, f], expected, atol=2e-4, rtol=1e-3)

@@ -69,7 +69,7 @@ def test_given_frames_get_no_gradient_through_frame_replacement_and_loss():
     x_t = flow.interpolate(x1, noise, t).requires_grad_(True)
     text = pipe.encode_text(["a red circle", "a blue square"])
     micro = torch.tensor([[8.0, 8.0, 0, 0, 1, 4]]).repeat(2, 1)
-    out = model(plan.replace(x_t), t, text.tokens, text.mask, text.pooled, micro, frame_mask=plan.frame_mask(2))
+    out = model(plan.replace(x_t), t, text, micro, frame_mask=plan.frame_mask(2))
     out.retain_grad()
     loss = flow.flow_loss(out, flow.velocity_target(x1, noise), plan.loss_weight(2))
     loss.backward()

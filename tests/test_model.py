@@ -8,7 +8,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from dataclasses import replace
 
+from stiv_core.interfaces import TextEmbedding
 from stiv_core.model.attention import AttentionBackend
 from stiv_core.model.rope import apply_rope
 from stiv_core.model.transformer import STIVTransformer, inflate_patch_embed, sample_keep_index
@@ -44,7 +46,7 @@ class TestForward:
     def test_condition_inputs_all_matter(self, make_model, make_inputs):
         model, inputs = make_model(), make_inputs()
         base = model(**inputs)
-        changed = [dict(t=inputs["t"] + 0.1), dict(pooled_text=inputs["pooled_text"] + 1.0)]
+        changed = [dict(t=inputs["t"] + 0.1), dict(text=replace(inputs["text"], pooled=inputs["text"].pooled + 1.0))]
         for i in range(6):  # every micro-condition (height, width, crops, stride, frames)
             micro = inputs["micro"].clone()
             micro[:, i] += 16.0
@@ -111,10 +113,9 @@ class TestText:
         model, inputs = make_model(), make_inputs()
         # Row 1 has a masked text token: the null text must be attended in full.
         dropped = model(**inputs, text_drop=torch.tensor([False, True]))
-        length = inputs["text"].shape[1]
-        null = dict(text=model.null_text[:length].expand(2, -1, -1),
-                    text_mask=torch.ones(2, length, dtype=torch.bool),
-                    pooled_text=model.null_pooled.expand(2, -1))
+        length = inputs["text"].tokens.shape[1]
+        null = dict(text=TextEmbedding(model.null_text[:length].expand(2, -1, -1),
+                                       torch.ones(2, length, dtype=torch.bool), model.null_pooled.expand(2, -1)))
         close(dropped[1], model(**{**inputs, **null})[1])
         close(dropped[0], model(**inputs)[0])
         assert not torch.allclose(dropped[1], model(**inputs)[1], atol=1e-4)
@@ -122,12 +123,13 @@ class TestText:
     def test_masked_text_tokens_are_ignored(self, make_model, make_inputs):
         model, inputs = make_model(), make_inputs()                         # row 1: token 4 masked
         base = model(**inputs)
-        text = inputs["text"].clone()
-        text[1, 4] = 50.0
-        close(model(**{**inputs, "text": text}), base)
+        tokens = inputs["text"].tokens.clone()
+        tokens[1, 4] = 50.0
+        close(model(**{**inputs, "text": replace(inputs["text"], tokens=tokens)}), base)
         # Padding is equivalent to a shorter prompt.
-        row = {k: v[1:] for k, v in inputs.items()}
-        row["text"], row["text_mask"] = row["text"][:, :4], row["text_mask"][:, :4]  # (1, 4, 24)
+        row = {k: v[1:] for k, v in inputs.items() if k != "text"}
+        text = inputs["text"]
+        row["text"] = TextEmbedding(text.tokens[1:, :4], text.mask[1:, :4], text.pooled[1:])  # (1, 4, 24)
         close(model(**row), base[1:])
 
 

@@ -96,7 +96,7 @@ def manual_passes(pipe, inputs, x, t, passes):
         mask = torch.zeros(x.shape[0], x.shape[2], dtype=torch.bool) if drop_image else plan.frame_mask(x.shape[0])
         emb = inputs.negative if (drop_text and inputs.negative is not None) else text
         drop = torch.full((x.shape[0],), drop_text and inputs.negative is None)
-        out.append(model(x_in, torch.full((x.shape[0],), t), emb.tokens, emb.mask, emb.pooled, inputs.micro,
+        out.append(model(x_in, torch.full((x.shape[0],), t), emb, inputs.micro,
                          frame_mask=mask, text_drop=drop))
     return out
 

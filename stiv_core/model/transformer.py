@@ -10,6 +10,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..config import MICRO_CONDITIONS, STIVConfig
 from ..flow import TIMESTEP_SCALE
+from ..interfaces import TextEmbedding
 from .attention import AttentionBackend
 from .layers import (CrossAttention, FeedForward, ScalarEmbedder, SelfAttention, modulate,
                      stateless_norm)
@@ -137,14 +138,13 @@ class STIVTransformer(nn.Module):
             c = c + embedder(micro[:, i])
         return c
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor,
-                pooled_text: torch.Tensor, micro: torch.Tensor, *,
+    def forward(self, x: torch.Tensor, t: torch.Tensor, text: TextEmbedding, micro: torch.Tensor, *,
                 frame_mask: Optional[torch.Tensor] = None, text_drop: Optional[torch.Tensor] = None,
                 keep_index: Optional[torch.Tensor] = None) -> torch.Tensor:
         """
         x: `(B, C, T, H, W)` latents (given frames already replaced by their clean latents);
-        t: `(B,)` flow time in [0, 1] (see flow.py); text: `(B, L, text_dim)`, L <= max_text_tokens;
-        text_mask: `(B, L)` bool, True = real token; pooled_text: `(B, pooled_text_dim)`;
+        t: `(B,)` flow time in [0, 1] (see flow.py); text: tokens `(B, L, text_dim)` with L <= max_text_tokens,
+        mask `(B, L)` (True = real token) and pooled `(B, pooled_text_dim)`;
         micro: `(B, 6)` in MICRO_CONDITIONS order; frame_mask: `(B, T)` bool, True = given frame;
         text_drop: `(B,)` bool, True = use the learned null text (CFG / condition dropout);
         keep_index: `(B, S_keep)` spatial tokens kept by MaskDiT (the same for every frame).
@@ -154,7 +154,8 @@ class STIVTransformer(nn.Module):
         b = x.shape[0]
         grid = self.token_grid(x.shape)
         dtype = self.patch_embed.weight.dtype
-        text, text_mask, pooled_text = self._drop_text(text.to(dtype), text_mask, pooled_text.to(dtype), text_drop)
+        text, text_mask, pooled_text = self._drop_text(text.tokens.to(dtype), text.mask, text.pooled.to(dtype),
+                                                       text_drop)
 
         tokens = self.patch_embed(x.to(dtype)).flatten(3).permute(0, 2, 3, 1).contiguous()  # (B, T', S, D)
         if frame_mask is not None:
@@ -172,10 +173,6 @@ class STIVTransformer(nn.Module):
             tokens = self._unmask(tokens, keep_index, grid[1] * grid[2])
         else:
             tokens = self._run(self.blocks, tokens, args, spatial_rope, temporal_rope)
-            if self.mask_token is not None and self.training and torch.is_grad_enabled():
-                # an unmasked training step: mask_token takes part with a zero contribution (its gradient
-                # is 0), so DDP, which waits for every parameter's gradient, does not stall on it
-                tokens = tokens + 0 * self.mask_token.to(tokens.dtype).sum()
         tokens = self._run(self.extra_blocks, tokens, args, spatial_rope, temporal_rope)
         return self._unpatchify(self._final(tokens, c), grid)
 

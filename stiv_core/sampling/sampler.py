@@ -15,6 +15,7 @@ import torch
 from .. import flow
 from ..conditioning import FrameReplacementPlan
 from ..interfaces import TextEmbedding
+from ..model.transformer import STIVTransformer
 from .guidance import GuidanceConfig, combine
 from .schedules import time_grid
 from .steppers import STEPPERS, Stepper
@@ -68,7 +69,7 @@ class GenerationCancelled(RuntimeError):
     """Raised when a step callback asked the run to stop."""
 
 
-def guided_velocity(model: torch.nn.Module, inputs: SampleInputs, guidance: GuidanceConfig,
+def guided_velocity(model: STIVTransformer, inputs: SampleInputs, guidance: GuidanceConfig,
                     batch: int) -> Callable[[torch.Tensor, float], torch.Tensor]:
     """v(x, t) with guidance: all passes of a step run as ONE batched forward."""
     passes = guidance.passes
@@ -76,9 +77,8 @@ def guided_velocity(model: torch.nn.Module, inputs: SampleInputs, guidance: Guid
     plan, text, n = inputs.plan, inputs.text, len(passes)
     null = inputs.negative if inputs.negative is not None else text
     texts = [null if p.drop_text else text for p in passes]
-    tokens = torch.cat([e.tokens for e in texts]).to(device)
-    mask = torch.cat([e.mask for e in texts]).to(device)
-    pooled = torch.cat([e.pooled for e in texts]).to(device)
+    batched_text = TextEmbedding(*(torch.cat([getattr(e, k) for e in texts]).to(device)
+                                   for k in ("tokens", "mask", "pooled")))
     use_null = inputs.negative is None
     text_drop = torch.tensor([p.drop_text and use_null for p in passes], device=device).repeat_interleave(batch)
     given = plan.frame_mask(batch, device)
@@ -91,7 +91,7 @@ def guided_velocity(model: torch.nn.Module, inputs: SampleInputs, guidance: Guid
         replaced = plan.replace(x)
         x_in = torch.cat([x if p.drop_image else replaced for p in passes])
         t_in = torch.full((n * batch,), float(t), device=device)
-        out = model(x_in, t_in, tokens, mask, pooled, micro, frame_mask=frame_mask, text_drop=text_drop)
+        out = model(x_in, t_in, batched_text, micro, frame_mask=frame_mask, text_drop=text_drop)
         v = flow.velocity_from_prediction(out.float(), x_in, t_in, kind)
         return combine(guidance, v.chunk(n), generated)
 
@@ -99,7 +99,7 @@ def guided_velocity(model: torch.nn.Module, inputs: SampleInputs, guidance: Guid
 
 
 @torch.inference_mode()
-def sample(model: torch.nn.Module, noise: torch.Tensor, inputs: SampleInputs, config: SamplerConfig, *,
+def sample(model: STIVTransformer, noise: torch.Tensor, inputs: SampleInputs, config: SamplerConfig, *,
            callback: Optional[StepCallback] = None) -> torch.Tensor:
     """Integrate from `noise` `(B, C, T, H, W)` (t = 0) to clean latents (t = 1), float32."""
     batch = noise.shape[0]

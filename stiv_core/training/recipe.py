@@ -105,12 +105,26 @@ def training_loss(model: torch.nn.Module, batch: TrainBatch, recipe: RecipeConfi
     plan = FrameReplacementPlan.per_sample(x1, given)
     x_in = plan.replace(flow.interpolate(x1, noise, t))
     keep = cond.keep_index.to(device) if cond.keep_index is not None else None
-    out = model(x_in, t, batch.text.tokens, batch.text.mask, batch.text.pooled, batch.micro,
+    out = model(x_in, t, batch.text, batch.micro,
                 frame_mask=plan.frame_mask(b, device), text_drop=cond.text_drop.to(device), keep_index=keep)
     velocity = flow.velocity_from_prediction(out.float(), x_in, t, config.prediction)
     spatial = None if keep is None else kept_pixels(keep, h, w, config.patch_size)
     loss = flow.flow_loss(velocity, flow.velocity_target(x1, noise), plan.loss_weight(b), spatial)
+    if keep is None and (idle := idle_mask_token(model)) is not None:
+        loss = loss + idle
     return loss, cond
+
+
+def idle_mask_token(model: torch.nn.Module) -> Optional[torch.Tensor]:
+    """0 x MaskDiT's mask token on an unmasked step of a DDP-wrapped model (None otherwise).
+
+    The mask token only takes part when tokens are dropped; DDP waits for a gradient of every parameter
+    ("Expected to have finished reduction in the prior iteration"), so it gets a zero one.
+    """
+    token = getattr(getattr(model, "module", None), "mask_token", None)
+    if token is None or not isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        return None
+    return 0 * token.sum()
 
 
 def kept_pixels(keep_index: torch.Tensor, height: int, width: int, patch: int) -> torch.Tensor:
