@@ -5,6 +5,8 @@ Keyframe -> Interpolate (or, chained, STIV Sampler -> STIV Interpolate Keyframes
 -> IMAGE, which ComfyUI's CreateVideo / SaveVideo save. ComfyUI's own CLIP (on STIV Text Encode) and VAE
 (on STIV Image Condition and STIV Decode) can stand in for the model's encoders (nodes/comfy_adapters.py).
 """
+import os
+
 from . import _comfy
 from .conditioning import STIVImageCondition, STIVTextEncode
 from .decode import STIVDecode
@@ -31,5 +33,12 @@ NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {
     "STIVDecode": "STIV Decode",
 }
 
-_comfy.register_model_folder()
-register_routes()
+PACK_FOLDER = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DUPLICATE_OF = _comfy.first_copy(PACK_FOLDER)
+"""None for the copy of the pack ComfyUI uses; for a second copy in custom_nodes/, the first one's folder:
+ComfyUI would let the second copy's classes replace the first's, so it exports none (nor routes)."""
+if DUPLICATE_OF is None:
+    _comfy.register_model_folder()
+    register_routes()
+else:
+    NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS = {}, {}

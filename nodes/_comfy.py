@@ -176,12 +176,46 @@ def model_path(name: str) -> Optional[Path]:
 
 
 # -- server -------------------------------------------------------------------------------------
+_FIRST_COPY = "stiv_pack_folder"   # on ComfyUI's PromptServer instance: one per process, seen by every copy
+
+
+def _server() -> Optional[Any]:
+    """ComfyUI's PromptServer instance (it exists before any custom node loads), or None."""
+    return getattr(getattr(_comfy("server"), "PromptServer", None), "instance", None)
+
+
+def first_copy(folder: str) -> Optional[str]:
+    """Inside ComfyUI, when the copy of the pack in `folder` is not the first one its server loaded (a
+    second clone in custom_nodes/ under another name): the first copy's folder, with a warning naming
+    both. None for the first copy (the first call claims it for `folder`) and outside ComfyUI.
+
+    The mark lives on the server, not in a module: each copy is its own package with its own globals."""
+    instance = _server()
+    if instance is None:
+        return None
+    first = getattr(instance, _FIRST_COPY, None)
+    if first is None:
+        setattr(instance, _FIRST_COPY, folder)
+    elif first != folder:
+        log.warning("ComfyUI-STIV is installed twice, in %s and in %s: the nodes, routes and js/ of the first "
+                    "are used, the second adds nothing; remove one of them", first, folder)
+        return first
+    return None
+
+
 def add_get_route(path: str, handler: Callable[[dict[str, str]], dict]) -> bool:
-    """Serve `handler(query) -> json` at GET `path` on ComfyUI's server; False outside ComfyUI."""
-    server = _comfy("server")
-    instance = getattr(getattr(server, "PromptServer", None), "instance", None)
+    """Serve `handler(query) -> json` at GET `path` on ComfyUI's server, unless something already does
+    (the route of an earlier import stays); True when it is served, False outside ComfyUI."""
+    instance = _server()
     if instance is None:
         return False
+    served = next((r for r in instance.routes if getattr(r, "method", None) == "GET"
+                   and getattr(r, "path", None) == path), None)
+    if served is not None:
+        # aiohttp refuses a path twice when ComfyUI adds its routes, and the whole server fails to start
+        log.warning("GET %s is already served (by %s); not added again", path,
+                    getattr(served.handler, "__module__", "?"))
+        return True
     from aiohttp import web
 
     async def route(request):

@@ -10,6 +10,7 @@ pointed at a small random bundle in models/stiv.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -67,11 +68,13 @@ class Server:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
 
 
-def prepare_base(base: Path) -> str | None:
-    """custom_nodes/ with a link to this checkout, an input image, and (without the built-in weights) a
-    small random bundle in models/stiv; returns the model file the workflows should load, or None."""
+def prepare_base(base: Path, pack_dirs: tuple[str, ...]) -> str | None:
+    """custom_nodes/ with a link to this checkout under each of `pack_dirs`, an input image, and (without
+    the built-in weights) a small random bundle in models/stiv; returns the model file the workflows
+    should load, or None."""
     (base / "custom_nodes").mkdir(parents=True)
-    (base / "custom_nodes" / PACK_DIR).symlink_to(ROOT, target_is_directory=True)
+    for name in pack_dirs:
+        (base / "custom_nodes" / name).symlink_to(ROOT, target_is_directory=True)
     (base / "input").mkdir()
     example = Path(COMFYUI_DIR) / "input" / "example.png"
     if example.is_file():
@@ -95,10 +98,12 @@ def stop(proc: subprocess.Popen) -> None:
         proc.kill()
         proc.wait(timeout=20)
 
-@pytest.fixture(scope="module")
-def server():
+
+@contextlib.contextmanager
+def running_server(pack_dirs: tuple[str, ...] = (PACK_DIR,)):
+    """A ComfyUI server on a fresh base directory (see prepare_base), answering; stopped and removed after."""
     base = Path(tempfile.mkdtemp(prefix="stiv-comfy-"))
-    model_name = prepare_base(base)
+    model_name = prepare_base(base, pack_dirs)
     port, log = free_port(), base / "comfyui.log"
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     with open(log, "wb") as out:
@@ -122,6 +127,12 @@ def server():
     finally:
         stop(proc)
         shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def server():
+    with running_server() as srv:
+        yield srv
 
 
 # -- UI format -> API format ----------------------------------------------------------------------
@@ -203,6 +214,23 @@ def test_every_shared_workflow_runs_to_a_saved_video(server, path):
     status, videos = run_prompt(server, shipped_prompt(server, path.stem), path.stem)
     assert status["status_str"] == "success", json.dumps(status["messages"])[:3000] + "\n" + server.log_tail()
     assert len(videos) == 1 and len(videos[0]) == 16 and videos[0][0].shape == (32, 32, 3)
+
+
+def test_two_copies_of_the_pack_start_with_every_node_once_and_run_a_workflow():
+    """A git clone beside a manager's install under another folder name: ComfyUI used to die at start-up
+    (aiohttp refused the pack's route twice). Now one copy serves nodes, route and js/; the other warns."""
+    copies = (PACK_DIR, PACK_DIR.lower())
+    with running_server(copies) as srv:
+        info = srv.get("/object_info", timeout=60)
+        assert STIV_NODES <= set(info), f"missing: {STIV_NODES - set(info)}\n{srv.log_tail()}"
+        modules = {n: info[n]["python_module"] for n in STIV_NODES}
+        assert len(set(modules.values())) == 1, modules   # all from the same copy
+        assert len([e for e in srv.get("/extensions") if e.endswith("/stiv.js")]) == 1, srv.get("/extensions")
+        log = srv.log.read_text(errors="replace")
+        assert "installed twice" in log and all(str(srv.base / "custom_nodes" / c) in log for c in copies), log
+        status, videos = run_prompt(srv, shipped_prompt(srv, "stiv_text_to_video"), "text to video, two copies")
+        assert status["status_str"] == "success", json.dumps(status["messages"])[:3000] + "\n" + srv.log_tail()
+        assert len(videos) == 1 and len(videos[0]) == 16
 
 
 # -- ComfyUI's own CLIP and VAE on the STIV nodes ---------------------------------------------------

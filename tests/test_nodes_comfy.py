@@ -4,6 +4,7 @@ folders and server; and the plan the js/ extension shows."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import sys
 import types as pytypes
 
@@ -11,7 +12,7 @@ import pytest
 import torch
 
 from tests.test_nodes import load, sample, text
-from tests.test_nodes_common import MODEL_FILE, pack_module, write_small_bundle
+from tests.test_nodes_common import MODEL_FILE, ROOT, import_copy, import_pack, pack_module, write_small_bundle
 
 _comfy = pack_module("nodes._comfy")
 plan = pack_module("nodes.plan")
@@ -19,6 +20,32 @@ plan = pack_module("nodes.plan")
 
 class InterruptProcessingException(Exception):
     pass
+
+
+class RouteTable:
+    """`PromptServer.instance.routes` as aiohttp's RouteTableDef: `.get(path)` decorates a handler into a
+    list of route definitions (method, path, handler) that iterates; `served()` is ComfyUI's `add_routes`
+    at start-up, where aiohttp's router refuses a second GET on one path, and ComfyUI dies."""
+
+    def __init__(self):
+        self.defs: list = []
+
+    def get(self, path):
+        def decorate(handler):
+            self.defs.append(pytypes.SimpleNamespace(method="GET", path=path, handler=handler))
+            return handler
+        return decorate
+
+    def __iter__(self):
+        return iter(self.defs)
+
+    def served(self) -> dict:
+        handlers = {}
+        for d in self.defs:
+            if d.path in handlers:
+                raise RuntimeError("Added route will never be executed, method HEAD is already registered")
+            handlers[d.path] = d.handler
+        return handlers
 
 
 def fake_comfy(models_dir, calls):
@@ -56,10 +83,9 @@ def fake_comfy(models_dir, calls):
     fp.get_full_path = lambda name, file: next((f"{d}/{file}" for d in folders[name]
                                                 if __import__("os").path.isfile(f"{d}/{file}")), None)
 
-    routes = {}
+    routes = RouteTable()
     server = pytypes.ModuleType("server")
-    server.PromptServer = pytypes.SimpleNamespace(instance=pytypes.SimpleNamespace(routes=pytypes.SimpleNamespace(
-        get=lambda path: (lambda fn: routes.setdefault(path, fn)))))
+    server.PromptServer = pytypes.SimpleNamespace(instance=pytypes.SimpleNamespace(routes=routes))
     aiohttp = pytypes.ModuleType("aiohttp")
     aiohttp.web = pytypes.SimpleNamespace(json_response=lambda data, status=200: (status, data))
     comfy = pytypes.ModuleType("comfy")
@@ -98,8 +124,9 @@ def test_inside_comfyui_an_interrupt_raises_its_exception_and_empties_its_cache(
 
 
 def test_the_plan_route_counts_tokens_and_passes(comfyui):
-    _, routes = comfyui
-    assert plan.register_routes() and plan.ROUTE in routes
+    _, table = comfyui
+    assert plan.register_routes() and plan.register_routes()   # a second import adds nothing
+    routes = table.served()
     query = {"model_name": MODEL_FILE, "frames": "4", "width": "16", "height": "16", "guidance": "sit"}
     request = pytypes.SimpleNamespace(rel_url=pytypes.SimpleNamespace(query=query))
     status, body = asyncio.run(routes[plan.ROUTE](request))
@@ -110,6 +137,37 @@ def test_the_plan_route_counts_tokens_and_passes(comfyui):
     assert heun["peak_bytes"] < body["peak_bytes"]   # 2 batched passes need fewer activations than 3
     assert "multiple of 2" in plan.describe_plan(plan.PlanQuery(MODEL_FILE, 5, 16, 16))["error"]
     assert "no model file" in plan.describe_plan(plan.PlanQuery("gone.safetensors", 4, 16, 16))["error"]
+
+
+@pytest.fixture
+def two_copies(comfyui, tmp_path):
+    """Two copies of the pack in one custom_nodes/ (links to this checkout, folders "ComfyUI-STIV" and
+    "comfyui-stiv"), imported one after the other as ComfyUI does: under their paths as package names."""
+    folders = [tmp_path / "custom_nodes" / name for name in ("ComfyUI-STIV", "comfyui-stiv")]
+    folders[0].parent.mkdir()
+    names = [str(f).replace(".", "_x_") for f in folders]
+    try:
+        yield folders, names
+    finally:
+        for key in [k for k in sys.modules if any(k == n or k.startswith(n + ".") for n in names)]:
+            del sys.modules[key]
+
+
+def test_a_second_copy_of_the_pack_adds_no_route_and_no_node_and_says_so(comfyui, two_copies, caplog):
+    _, table = comfyui
+    folders, names = two_copies
+    with caplog.at_level(logging.WARNING):
+        for folder, name in zip(folders, names):
+            folder.symlink_to(ROOT, target_is_directory=True)
+            import_copy(folder, name)
+    first, second = (sys.modules[n] for n in names)
+    handlers = table.served()   # ComfyUI's start-up: raised (and ComfyUI died) with the route twice
+    assert list(handlers) == [plan.ROUTE] and handlers[plan.ROUTE].__module__ == f"{names[0]}.nodes._comfy"
+    assert set(first.NODE_CLASS_MAPPINGS) == set(import_pack().NODE_CLASS_MAPPINGS) and first.WEB_DIRECTORY
+    # ComfyUI merges every copy's mappings, the later over the earlier, and serves every WEB_DIRECTORY
+    assert second.NODE_CLASS_MAPPINGS == second.NODE_DISPLAY_NAME_MAPPINGS == {} and second.WEB_DIRECTORY is None
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any(str(folders[0]) in w and str(folders[1]) in w for w in warnings), warnings
 
 
 def test_outside_comfyui_the_fallbacks_need_nothing(monkeypatch, tmp_path):

@@ -22,14 +22,21 @@ DEFAULTS = SamplingDefaults(num_frames=4, height=16, width=16, fps=4.0, steps=2)
 MODEL_FILE = "small.safetensors"
 
 
+def import_copy(folder: Path, name: str):
+    """The pack in `folder` imported as ComfyUI imports a custom node: package `name`, registered in
+    sys.modules before it runs (so its relative imports resolve), submodules `name.nodes...`."""
+    spec = importlib.util.spec_from_file_location(name, folder / "__init__.py",
+                                                  submodule_search_locations=[str(folder)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
 def import_pack():
     """The pack as ComfyUI imports it; its submodules are importable as `PACK.nodes...`."""
     if PACK not in sys.modules:
-        spec = importlib.util.spec_from_file_location(PACK, ROOT / "__init__.py",
-                                                      submodule_search_locations=[str(ROOT)])
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[PACK] = module
-        spec.loader.exec_module(module)
+        import_copy(ROOT, PACK)
     return sys.modules[PACK]
 
 

@@ -96,7 +96,7 @@ class TestQuery:
             monkeypatch.setitem(sys.modules, name, module)
         assert plan.register_routes()
         request = pytypes.SimpleNamespace(rel_url=pytypes.SimpleNamespace(query={"frames": "4"}))
-        status, body = asyncio.run(routes[plan.ROUTE](request))
+        status, body = asyncio.run(routes.served()[plan.ROUTE](request))
         assert status == 400 and "missing model_name" in body["error"]
 
     def test_unknown_keys_are_ignored(self):
