@@ -27,6 +27,7 @@ import torch  # noqa: E402
 from stiv_core import flow  # noqa: E402
 from stiv_core.bundle import load_pipeline  # noqa: E402
 from stiv_core.conditioning import MicroConditions  # noqa: E402
+from stiv_core.config import Prediction  # noqa: E402
 from stiv_core.data.shapes import COLORS, SHAPES, parse_caption  # noqa: E402
 from stiv_core.evaluate import BenchConfig, ground_truth, heldout_prompts, majority, track  # noqa: E402
 from stiv_core.pipeline import STIVPipeline  # noqa: E402
@@ -57,7 +58,7 @@ def clean_estimate(pipe: STIVPipeline, clip: torch.Tensor, caption: str, t: floa
     micro = MicroConditions(height, width, frames).tensor(1)
     t_in = torch.tensor([t])
     out = pipe.model(x_t, t_in, text, micro).float()
-    if pipe.model.config.prediction != "data":
+    if pipe.model.config.prediction is not Prediction.DATA:
         out = flow.data_from_velocity(out, x_t, t_in)
     return pipe.vae.decode(out)[0].clamp(-1, 1)
 

@@ -40,7 +40,7 @@ import torch
 from ..stiv_core.bundle import TrainedWith
 from ..stiv_core.config import STIVConfig
 from ..stiv_core.encoders.pixel import PixelVAE
-from ..stiv_core.interfaces import TextEmbedding, VideoVAE
+from ..stiv_core.interfaces import TextEmbedding, VideoVAE, masked_mean
 from ..stiv_core.pipeline import STIVPipeline
 
 CHANNEL_HINTS = {3: "pixel space, e.g. VAELoader's 'pixel_space'", 4: "e.g. an SD 1.x / SDXL VAE",
@@ -68,8 +68,7 @@ def _encode(clip: Any, prompt: str) -> TextEmbedding:
     mask = tokens.abs().amax(-1) > 0 if mask is None else mask.cpu().bool().reshape(1, -1)
     pooled = out.get("pooled_output")
     if pooled is None:
-        weights = mask.float()[..., None]
-        pooled = (tokens * weights).sum(1) / weights.sum(1).clamp_min(1.0)
+        pooled = masked_mean(tokens, mask)
     return TextEmbedding(tokens, mask, pooled.float().cpu().reshape(1, -1))
 
 
@@ -138,7 +137,7 @@ class LatentScaling:
     @classmethod
     def of(cls, vae: VideoVAE) -> LatentScaling:
         """The scaling a STIV-side VAE applies (DiffusersVAE records it; pixel space has none)."""
-        return cls(float(getattr(vae, "scaling_factor", 1.0)), float(getattr(vae, "shift_factor", 0.0)))
+        return cls(float(vae.scaling_factor), float(vae.shift_factor))
 
     def to_model(self, raw: torch.Tensor) -> torch.Tensor:
         return (raw - self.shift) * self.scale
@@ -155,6 +154,7 @@ class RecordedVAE:
         self.trained = trained
         self.latent_channels, self.spatial_factor = trained.latent_channels, trained.spatial_factor
         self.scaling_factor, self.shift_factor = trained.scaling_factor, trained.shift_factor
+        self.latent_range: Optional[float] = None
 
     @property
     def message(self) -> str:
@@ -192,6 +192,7 @@ class ComfyVideoVAE:
         self.vae, self.scaling, self.chunk_frames, self.latent_range = vae, scaling, chunk_frames, latent_range
         self.latent_channels = int(vae.latent_channels)
         self.spatial_factor = int(vae.spacial_compression_encode())
+        self.scaling_factor, self.shift_factor = scaling.scale, scaling.shift
 
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
         """`(B, 3, T, H, W)` in [-1, 1] -> model latents `(B, C, T, H / f, W / f)` (float32)."""
@@ -224,7 +225,7 @@ def comfy_vae_for(pipeline: STIVPipeline, vae: Any, *, chunk_frames: int = 16) -
     """A ComfyUI VAE in the latent space of `pipeline`'s model, or a clear error when it is another one."""
     own = pipeline.vae
     adapter = ComfyVideoVAE(vae, scaling=LatentScaling.of(own), chunk_frames=chunk_frames,
-                            latent_range=getattr(own, "latent_range", None))
+                            latent_range=own.latent_range)
     channels = pipeline.model.config.latent_channels
     if adapter.latent_channels != channels:
         raise ValueError(f"the connected VAE gives {adapter.latent_channels}-channel latents, but this STIV model "

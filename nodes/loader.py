@@ -7,6 +7,7 @@ import torch
 from ..stiv_core.bundle import BUILTIN_MODELS, load_defaults, load_pipeline, read_trained_with, resolve_model_path
 from ..stiv_core.checkpoint import CheckpointError, load_model
 from ..stiv_core.memory import MemoryOptions, QuantMode, WontFitError, apply_memory_options
+from ..stiv_core.dtypes import WEIGHT_DTYPES
 from ..stiv_core.model.attention import AttentionBackend
 from ..stiv_core.pipeline import STIVPipeline
 from . import _comfy
@@ -14,7 +15,7 @@ from .comfy_adapters import bare_pipeline
 from .types import STIVInputError, STIVModel
 
 BUILTIN_SUFFIX = " (built-in)"
-DTYPES = {"auto": None, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPES = {"auto": None, **WEIGHT_DTYPES}
 
 
 def model_choices() -> list[str]:

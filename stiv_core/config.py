@@ -6,12 +6,20 @@ device (no memory is allocated).
 from __future__ import annotations
 
 import dataclasses
+import enum
 import json
 import math
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
-Prediction = Literal["velocity", "data"]
+
+class Prediction(str, enum.Enum):
+    """What the network outputs; the loss is always on velocity (see flow.py)."""
+
+    VELOCITY = "velocity"
+    DATA = "data"        # the clean sample x1
+
+
 ALLOWED_TEMPORAL_PATCHES = (1, 2, 4)
 
 # The micro-conditions, in the order of the model's embedders (one per column of the `(B, 6)` tensor): part
@@ -43,7 +51,7 @@ class STIVConfig:
     # Multiplies RoPE positions per axis (t, h, w); < 1 interpolates positions when a model trained
     # on a smaller grid is moved to a larger resolution or more frames (e.g. 256 -> 512 px: 0.5).
     rope_position_scale: tuple[float, float, float] = (1.0, 1.0, 1.0)
-    prediction: Prediction = "velocity"  # what the network outputs; the loss is always on velocity
+    prediction: Prediction = Prediction.VELOCITY  # what the network outputs; the loss is always on velocity
     norm_eps: float = 1e-6
     name: str = field(default="custom", compare=False)
 
@@ -65,8 +73,9 @@ class STIVConfig:
         need(isinstance(self.maskdit_extra_blocks, int) and self.maskdit_extra_blocks >= 0,
              f"maskdit_extra_blocks must be an int >= 0, got {self.maskdit_extra_blocks!r}")
         need(self.mlp_ratio > 0, f"mlp_ratio must be > 0, got {self.mlp_ratio!r}")
-        need(self.prediction in ("velocity", "data"),
+        need(self.prediction in tuple(Prediction),
              f"prediction must be 'velocity' or 'data', got {self.prediction!r}")
+        object.__setattr__(self, "prediction", Prediction(self.prediction))
         scale = tuple(self.rope_position_scale)
         need(len(scale) == 3 and all(math.isfinite(s) and s > 0 for s in scale),
              f"rope_position_scale must be three positive numbers (t, h, w), got {scale!r}")

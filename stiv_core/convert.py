@@ -24,6 +24,7 @@ from safetensors.torch import load_file
 
 from .checkpoint import check_keys, check_safetensors, model_metadata, save_state_dict
 from .config import STIVConfig, preset
+from .dtypes import WEIGHT_DTYPES
 from .flow import TIMESTEP_SCALE
 from .model.transformer import STIVTransformer
 from .pixart import (ConversionError, KeyStyle, PixArtShape, carried_tensors, key_style, pixart_shape,
@@ -31,7 +32,6 @@ from .pixart import (ConversionError, KeyStyle, PixArtShape, carried_tensors, ke
 
 CONVERSION_KEY = "stiv_conversion"
 PIXART_HEADS = 16  # PixArt-alpha/Sigma XL/2: 16 heads of 72 (the paper's STIV-XL uses 18 of 64)
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 # What cannot carry over from PixArt to STIV, whatever the checkpoint (the converted model must be
 # fine-tuned with the flow-matching loss before it samples well).
@@ -188,11 +188,11 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     pixart.add_argument("--maskdit-extra-blocks", type=int, default=None,
                         help="MaskDiT's blocks after unmasking (new, random; 2 for a MaskDiT stage); "
                              "default: the preset's")
-    pixart.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    pixart.add_argument("--dtype", choices=sorted(WEIGHT_DTYPES), default="float32")
     args = parser.parse_args(argv)
     try:
         config = _config_for(args)
-        report = convert_pixart_file(args.src, args.out, config, source_heads=args.heads, dtype=DTYPES[args.dtype])
+        report = convert_pixart_file(args.src, args.out, config, source_heads=args.heads, dtype=WEIGHT_DTYPES[args.dtype])
     except (ConversionError, ValueError, FileNotFoundError) as err:
         parser.exit(2, f"error: {err}\n")
     except SafetensorError as err:   # a truncated or corrupt file past its header check

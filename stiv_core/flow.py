@@ -15,6 +15,8 @@ from typing import Optional
 
 import torch
 
+from .config import Prediction
+
 # The model's timestep embedder sees u = TIMESTEP_SCALE * t; the PixArt converter's time reversal
 # (PixArt's s = 1000 - u, s = 0 data) holds because this equals PixArt's 1000 DDPM timesteps.
 TIMESTEP_SCALE = 1000.0
@@ -38,14 +40,14 @@ def velocity_target(x1: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
 
 
 def velocity_from_prediction(prediction: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor,
-                             kind: str) -> torch.Tensor:
-    """The velocity implied by the network output `prediction` of `kind` 'velocity' or 'data'."""
-    if kind == "velocity":
+                             kind: Prediction) -> torch.Tensor:
+    """The velocity implied by the network output `prediction` of `kind` (`Prediction` or its value)."""
+    if kind not in tuple(Prediction):
+        raise ValueError(f"unknown prediction kind {kind!r}; expected 'velocity' or 'data'")
+    if Prediction(kind) is Prediction.VELOCITY:
         return prediction
-    if kind == "data":
-        remaining = (1 - _expand(t, x_t)).clamp_min(MIN_REMAINING_TIME)
-        return (prediction - x_t) / remaining
-    raise ValueError(f"unknown prediction kind {kind!r}; expected 'velocity' or 'data'")
+    remaining = (1 - _expand(t, x_t)).clamp_min(MIN_REMAINING_TIME)
+    return (prediction - x_t) / remaining
 
 
 def data_from_velocity(velocity: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Optional, Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -61,6 +61,12 @@ class TextEmbedding:
                              self.pooled.to(device=device, dtype=dtype))
 
 
+def masked_mean(tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The mean of `tokens` `(B, L, D)` over the real ones (`mask` `(B, L)` True) -> `(B, D)`; 0 for none."""
+    weights = mask.to(tokens.dtype)[..., None]
+    return (tokens * weights).sum(1) / weights.sum(1).clamp_min(1.0)
+
+
 @runtime_checkable
 class TextEncoder(Protocol):
     dim: int         # token width
@@ -74,13 +80,17 @@ class TextEncoder(Protocol):
 class VideoVAE(Protocol):
     """Per-frame autoencoder. Pixels are `(B, 3, T, H, W)` in [-1, 1].
 
-    Optional attribute `latent_range: float`: clean latents lie in [-latent_range, latent_range] (pixel
-    space: 1.0); the sampler then clamps its clean estimates to it (see `flow.clamp_data`). Learned VAEs
-    have no such bound and leave it out.
+    Latents are `(raw - shift_factor) * scaling_factor` of what the autoencoder's encoder gives (pixel space:
+    1 and 0). `latent_range`: clean latents lie in [-latent_range, latent_range] (pixel space: 1.0), and the
+    sampler may clamp its clean estimates to it (see `flow.clamp_data`); None for learned VAEs, which have
+    no such bound.
     """
 
     latent_channels: int
     spatial_factor: int  # pixels per latent along H and W
+    scaling_factor: float
+    shift_factor: float
+    latent_range: Optional[float]
 
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
         """`(B, 3, T, H, W)` -> latents `(B, C, T, H / f, W / f)`."""

@@ -110,7 +110,7 @@ class STIVPipeline:
         micro = MicroConditions(request.height, request.width, request.num_frames,
                                 frame_stride=request.frame_stride).tensor(len(prompts))
         plan = plan if plan is not None else self.plan(request, len(prompts))
-        inputs = SampleInputs(text, micro, plan, negative, getattr(self.vae, "latent_range", None))
+        inputs = SampleInputs(text, micro, plan, negative, self.vae.latent_range)
         return sample(self.model, seeded_noise(shape, request.seed), inputs, request.sampler, callback=callback)
 
     @torch.inference_mode()

@@ -48,7 +48,8 @@ from .encoders.vae import VAEFamily
 from .encoders.words import WordTextEncoder
 from .interfaces import TextEncoder, VideoVAE
 from .model.transformer import STIVTransformer
-from .training.config import EXPORT_DTYPES, ConfigError, TrainConfig, load_config
+from .dtypes import WEIGHT_DTYPES
+from .training.config import ConfigError, TrainConfig, load_config
 from .training.encoders import build_encoders
 from .training.ema import EMA
 from .training.init import initialize
@@ -298,7 +299,7 @@ def _export(accelerator: Accelerator, config: TrainConfig, ema: EMA, text_encode
     path = config.output_path / "model.safetensors"
     frames, height, width = config.data.buckets[0]
     defaults = SamplingDefaults(num_frames=frames, height=height, width=width, steps=config.sample_steps)
-    dtype = EXPORT_DTYPES[config.export_dtype]
+    dtype = WEIGHT_DTYPES[config.export_dtype]
     if isinstance(text_encoder, WordTextEncoder):
         save_bundle(path, ema_model, text_encoder, defaults=defaults, dtype=dtype)
     else:
@@ -313,8 +314,8 @@ def trained_with(config: TrainConfig, text_encoder: TextEncoder, vae: VideoVAE) 
     pooled_encoder = getattr(text_encoder, "pooled_encoder", text_encoder)  # a CombinedTextEncoder's second
     return TrainedWith(
         vae_kind=config.vae.value, latent_channels=int(vae.latent_channels),
-        spatial_factor=int(vae.spatial_factor), scaling_factor=float(getattr(vae, "scaling_factor", 1.0)),
-        shift_factor=float(getattr(vae, "shift_factor", 0.0)),
+        spatial_factor=int(vae.spatial_factor), scaling_factor=float(vae.scaling_factor),
+        shift_factor=float(vae.shift_factor),
         vae_family=family, text_encoder=config.text_encoder.value,
         text_encoder_name=Path(config.text_encoder_path).name if config.text_encoder_path else "",
         text_dim=config.model.text_dim, pooled_text_dim=config.model.pooled_text_dim,

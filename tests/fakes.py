@@ -40,6 +40,8 @@ class LinearVAE:
 
     latent_channels = 12
     spatial_factor = 2
+    scaling_factor, shift_factor = 1.0, 0.0
+    latent_range = None
 
     def __init__(self, seed: int = 0):
         q, _ = torch.linalg.qr(torch.randn(12, 12, generator=torch.Generator().manual_seed(seed)))

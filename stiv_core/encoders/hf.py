@@ -18,7 +18,7 @@ from typing import Optional
 
 import torch
 
-from ..interfaces import TextEmbedding
+from ..interfaces import TextEmbedding, masked_mean
 
 T5_TYPES = ("t5", "mt5", "umt5")
 
@@ -80,8 +80,7 @@ class HFTextEncoder:
         if pooling is Pooling.LAST:
             last = mask.long().sum(1).clamp_min(1) - 1
             return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
-        weights = mask.to(hidden.dtype)[..., None]
-        return (hidden * weights).sum(1) / weights.sum(1).clamp_min(1.0)
+        return masked_mean(hidden, mask)
 
 
 def _load_text_model(transformers, folder: Path, config, dtype: torch.dtype):

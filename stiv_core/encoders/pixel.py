@@ -11,6 +11,7 @@ import torch
 class PixelVAE:
     latent_channels = 3
     spatial_factor = 1
+    scaling_factor, shift_factor = 1.0, 0.0
     latent_range = 1.0   # the sampler may clamp its clean estimates to this (SamplerConfig.clip_denoised)
 
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:

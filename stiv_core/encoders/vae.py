@@ -98,6 +98,7 @@ class DiffusersVAE:
         self.spatial_factor = 2 ** (len(cfg.block_out_channels) - 1)
         self.scaling_factor = float(cfg.scaling_factor)
         self.shift_factor = float(getattr(cfg, "shift_factor", None) or 0.0)
+        self.latent_range: Optional[float] = None  # a learned latent space has no known bound
         self.chunk_frames, self.sampling, self.generator = chunk_frames, LatentSampling(sampling), generator
 
     @torch.inference_mode()

@@ -21,7 +21,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from ..interfaces import TextEmbedding
+from ..interfaces import TextEmbedding, masked_mean
 
 log = logging.getLogger(__name__)
 PREFIX = "text_encoder."
@@ -78,9 +78,8 @@ class WordTextEncoder(nn.Module):
         empty = ~mask.any(dim=1)  # an all-unknown prompt: attend to slot 0 rather than to nothing
         attend = mask | (empty[:, None] & (torch.arange(mask.shape[1], device=device) == 0))
         x = self.context(x, src_key_padding_mask=~attend)
-        weights = mask.float()[..., None]
-        pooled = self.pool((x * weights).sum(1) / weights.sum(1).clamp_min(1.0))
-        return TextEmbedding(x * weights, mask, pooled)
+        pooled = self.pool(masked_mean(x, mask))
+        return TextEmbedding(x * mask.to(x.dtype)[..., None], mask, pooled)
 
     def encode(self, prompts: list[str]) -> TextEmbedding:
         return self(*self.token_ids(prompts))

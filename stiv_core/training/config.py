@@ -20,11 +20,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-import torch
-
 from ..checkpoint import CheckpointError, recorded_config
 from ..conditioning import Task
 from ..config import STIVConfig, preset
+from ..dtypes import WEIGHT_DTYPES
 
 
 class OptimizerKind(str, enum.Enum):
@@ -216,7 +215,7 @@ class TrainConfig:
         for key in ("max_steps", "batch_size", "checkpoint_every", "keep_last", "log_every", "sample_steps"):
             _need(getattr(self, key) >= 1, key, "must be >= 1", getattr(self, key))
         _need(self.sample_every >= 0, "sample_every", "must be >= 0 (0 = off)", self.sample_every)
-        _need(self.export_dtype in EXPORT_DTYPES, "export_dtype", f"must be one of {sorted(EXPORT_DTYPES)}",
+        _need(self.export_dtype in WEIGHT_DTYPES, "export_dtype", f"must be one of {sorted(WEIGHT_DTYPES)}",
               self.export_dtype)
         object.__setattr__(self, "sample_prompts", tuple(self.sample_prompts))
         self._check_model_fit()
@@ -235,7 +234,6 @@ class TrainConfig:
         return Path(self.output_dir)
 
 
-EXPORT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 SECTIONS: dict[str, type] = {"optim": OptimConfig, "recipe": RecipeConfig, "data": DataConfig, "init": InitConfig}
 
 
