@@ -105,11 +105,6 @@ def shift_time(t: torch.Tensor, shift: float) -> torch.Tensor:
     return t / (t + shift * (1 - t))
 
 
-def resolution_shift(num_tokens: int, *, base_tokens: int = 1024, max_shift: float = 8.0) -> float:
-    """Shift for a resolution: sqrt(tokens / base_tokens) (SD3), at least 1, at most `max_shift`."""
-    return float(min(max(math.sqrt(num_tokens / base_tokens), 1.0), max_shift))
-
-
 def _expand(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     t = torch.as_tensor(t, dtype=like.dtype, device=like.device)
     return t.reshape(t.shape + (1,) * (like.dim() - t.dim()))

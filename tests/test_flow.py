@@ -92,12 +92,6 @@ def test_shift_keeps_endpoints_and_moves_time_toward_noise():
             flow.shift_time(t, bad)
 
 
-def test_resolution_shift_grows_with_tokens():
-    assert flow.resolution_shift(1024) == 1.0
-    assert flow.resolution_shift(4096) == pytest.approx(2.0)
-    assert flow.resolution_shift(16) == 1.0
-    assert flow.resolution_shift(10**9) == 8.0
-
 
 def test_time_sampling_is_seeded_logit_normal():
     a = flow.sample_time(20000, generator=torch.Generator().manual_seed(0))

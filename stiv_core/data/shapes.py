@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 import zlib
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 from torch.utils.data import Dataset
@@ -167,10 +166,3 @@ class ShapesDataset(Dataset):
         pixels = render(params, frames, height, width, stride=stride, first_frame=start)
         return VideoSample(pixels, params.caption, MicroConditions(height, width, frames, frame_stride=stride))
 
-
-def clip_for_caption(caption: str, num_frames: int, height: int, width: int, *,
-                     seed: int = 0, stride: int = 1, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """A ground-truth clip `(3, T, H, W)` for a caption of this domain (random speed/size/start)."""
-    g = generator or torch.Generator().manual_seed(seed)
-    params = random_params(g, parse_caption(caption).combination)
-    return render(params, num_frames, height, width, stride=stride)
