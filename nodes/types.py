@@ -96,6 +96,11 @@ class ImageCondition:
 class STIVConditioning:
     """STIV_COND: the prompt, an optional negative prompt, and the given frames (None = text-to-video).
 
+    It carries prompts and pixels, not tokens and a frame-replacement plan (as DESIGN.md's data flow has it),
+    on purpose: the conditioner nodes take no model, so the model's own text encoder and VAE are only at hand
+    in the sampler, and a plan's latent frame indices need the frame count and size set there. The sampler
+    turns this into `TextEmbedding`s and a `FrameReplacementPlan` (`conditioning.given_frames`).
+
     `encoded`: the prompts as a ComfyUI CLIP encoded them (None = the model's own text encoder, at
     sampling); `vae`: a ComfyUI VAE that encodes the given frames (None = the model's own VAE).
     """
