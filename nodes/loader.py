@@ -75,7 +75,7 @@ class STIVLoader:
         try:
             path = resolve_model_path(ref)
             pipeline = open_pipeline(path, resolve_dtype(weight_dtype, device))
-            blocks = len(pipeline.model.blocks) + len(pipeline.model.extra_blocks)
+            blocks = len(pipeline.model.all_blocks())
             if block_swap > blocks:
                 raise ValueError(f"block_swap {block_swap}: this model has {blocks} blocks (0..{blocks})")
             options = MemoryOptions(quant=quantization, attention=attention, block_swap=block_swap,

@@ -17,7 +17,7 @@ from ..model.attention import AttentionBackend, available_backends
 from .bnb import bnb_unusable
 from .planner import Budget, MemoryPlan, RunShape, VAEProfile, plan_memory
 from .quant import QuantConfig, QuantMode, QuantReport, ScaleGranularity, fp8_format_for, quantize_blocks
-from .swap import BlockSwapper, swappable_blocks
+from .swap import BlockSwapper
 
 log = logging.getLogger(__name__)
 
@@ -170,7 +170,7 @@ def compile_blocks(model: nn.Module, *, backend: str = "inductor") -> None:
 
     Every block compiles to the same graph, so the cache is shared after the first.
     """
-    for block in swappable_blocks(model):
+    for block in model.all_blocks():
         block.forward = torch.compile(block.forward, backend=backend, dynamic=False)
 
 

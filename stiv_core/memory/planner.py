@@ -116,7 +116,7 @@ class ModelSizes:
         with torch.device("meta"):
             model = STIVTransformer(config).to(dtype)
         quantize_blocks(model, quant)
-        blocks = [*model.blocks, *model.extra_blocks]
+        blocks = model.all_blocks()
         block = tensor_bytes(blocks[0])
         return cls(block, tensor_bytes(model) - block * len(blocks), len(blocks))
 
