@@ -5,6 +5,7 @@ free RAM is injected (no test reads this machine's)."""
 from __future__ import annotations
 
 import logging
+import sys
 
 import pytest
 
@@ -24,7 +25,7 @@ def comfyui(tmp_path, monkeypatch):
     calls = []
     modules, _ = fake_comfy(tmp_path, calls)
     for name, module in modules.items():
-        monkeypatch.setitem(__import__("sys").modules, name, module)
+        monkeypatch.setitem(sys.modules, name, module)
     _comfy.register_model_folder()
     write_small_bundle(tmp_path / "stiv")
     return calls
