@@ -11,7 +11,7 @@ from typing import Any, Optional
 import torch
 
 from .comfy_adapters import EncodedPrompts, clip_text_embedding
-from .types import FramePosition, ImageCondition, STIVConditioning, STIVInputError, image_to_pixels
+from .types import FramePosition, ImageCondition, STIVConditioning, STIVInputError, image_to_pixels, require_inputs
 
 
 class STIVTextEncode:
@@ -80,12 +80,16 @@ class STIVImageCondition:
 
     def condition(self, conditioning: STIVConditioning, images: torch.Tensor, frames: str,
                   keyframe_stride: int, last_image: Optional[torch.Tensor] = None, vae: Any = None):
-        pixels = image_to_pixels(images)
+        require_inputs("STIV Image Condition", conditioning=conditioning)
+        try:
+            pixels = image_to_pixels(images, "images")
+            last = None if last_image is None else image_to_pixels(last_image, "last_image")
+        except STIVInputError as err:
+            raise STIVInputError(f"STIV Image Condition: {err}") from None
         if last_image is not None and frames != FramePosition.FIRST_LAST.value:
             raise STIVInputError(f"STIV Image Condition: last_image is connected but frames is {frames!r}; pick "
                                  f"'{FramePosition.FIRST_LAST.value}' to use it, or disconnect it")
-        if last_image is not None:
-            last = image_to_pixels(last_image)
+        if last is not None:
             if last.shape[-2:] != pixels.shape[-2:]:
                 raise STIVInputError(f"STIV Image Condition: the first image is {pixels.shape[-1]}x"
                                      f"{pixels.shape[-2]} px, the last {last.shape[-1]}x{last.shape[-2]}; "

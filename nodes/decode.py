@@ -1,13 +1,13 @@
 """STIV Decode: LATENT -> ComfyUI IMAGE `[T, H, W, C]` in 0..1, decoded a chunk of frames at a time."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
 from . import _comfy
 from .comfy_adapters import RecordedVAE, with_comfy_vae
-from .types import STIVInputError, STIVModel, video_to_image
+from .types import STIVInputError, STIVModel, require_inputs, video_to_image
 
 
 class STIVDecode:
@@ -30,7 +30,17 @@ class STIVDecode:
                                        "latent channels; the model's latent scale is undone first)"}),
         }}
 
+    @classmethod
+    def VALIDATE_INPUTS(cls, chunk_frames: Optional[int] = None) -> bool | str:
+        """ComfyUI's check before the prompt runs: an API prompt can pass what the widget's minimum stops;
+        the message names the input. (A linked chunk_frames is not known yet: None, checked in `decode`.)"""
+        return True if chunk_frames is None else check_chunk_frames(chunk_frames) or True
+
     def decode(self, model: STIVModel, latent: dict, chunk_frames: int, vae: Any = None):
+        require_inputs("STIV Decode", model=model)
+        problem = check_chunk_frames(chunk_frames)
+        if problem:
+            raise STIVInputError(f"STIV Decode: {problem}")
         if vae is None and isinstance(model.pipeline.vae, RecordedVAE):
             raise STIVInputError(f"STIV Decode: {model.pipeline.vae.message}")
         try:
@@ -53,3 +63,11 @@ class STIVDecode:
 
         pixels = pipeline.decode(samples.to(pipeline.device), chunk_frames=chunk_frames, on_chunk=on_chunk)
         return (video_to_image(pixels),)
+
+
+def check_chunk_frames(chunk_frames: object) -> str:
+    """Why `chunk_frames` is not a frame count to decode at a time, or "" when it is."""
+    if isinstance(chunk_frames, bool) or not isinstance(chunk_frames, int) or chunk_frames < 1:
+        return (f"chunk_frames must be a whole number of frames >= 1 (frames decoded at once; lower it if "
+                f"decoding runs out of memory), got {chunk_frames!r}")
+    return ""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..stiv_core.bundle import BUILTIN_MODELS, load_defaults, load_pipeline, read_trained_with, resolve_model_path
-from ..stiv_core.checkpoint import CheckpointError, load_model
+from ..stiv_core.checkpoint import CheckpointError, check_finite, load_model
 from ..stiv_core.memory import MemoryOptions, QuantMode, WontFitError, apply_memory_options
 from ..stiv_core.dtypes import WEIGHT_DTYPES
 from ..stiv_core.model.attention import AttentionBackend
@@ -40,11 +40,17 @@ def resolve_dtype(choice: str, device: torch.device) -> torch.dtype:
 
 
 def open_pipeline(path, dtype: torch.dtype) -> STIVPipeline:
-    """A bundle's pipeline, or a bare model's with stand-ins for the encoders its metadata records."""
+    """A bundle's pipeline, or a bare model's with stand-ins for the encoders its metadata records; weights
+    holding NaN or inf are refused here (CheckpointError), not sampled into a black video."""
     trained = read_trained_with(path)
     if trained is None:
-        return load_pipeline(path, dtype=dtype)
-    return bare_pipeline(load_model(path, dtype=dtype), trained)
+        pipeline = load_pipeline(path, dtype=dtype)
+    else:
+        pipeline = bare_pipeline(load_model(path, dtype=dtype), trained)
+    for part in (pipeline.model, pipeline.text_encoder):
+        if isinstance(part, torch.nn.Module):   # a ComfyUI CLIP stand-in has no weights of its own here
+            check_finite(part, path.name)
+    return pipeline
 
 
 class STIVLoader:
@@ -76,7 +82,7 @@ class STIVLoader:
         try:
             path = resolve_model_path(ref)
             pipeline = open_pipeline(path, resolve_dtype(weight_dtype, device))
-            blocks = len(pipeline.model.blocks) + len(pipeline.model.extra_blocks)
+            blocks = len(pipeline.model.all_blocks())
             if block_swap > blocks:
                 raise ValueError(f"block_swap {block_swap}: this model has {blocks} blocks (0..{blocks})")
             options = MemoryOptions(quant=quantization, attention=attention, block_swap=block_swap,

@@ -13,7 +13,7 @@ import torch
 
 from ..stiv_core.bundle import TrainedWith, read_trained_with, resolve_model_path
 from ..stiv_core.checkpoint import CheckpointError, load_config
-from ..stiv_core.memory import PIXEL_VAE, Budget, MemoryOptions, RunShape, VAEProfile, plan_memory
+from ..stiv_core.memory import PIXEL_VAE, Budget, MemoryOptions, RunShape, VAEProfile, plan_run
 from ..stiv_core.memory.options import resolve_quant
 from ..stiv_core.memory.planner import GiB
 from ..stiv_core.sampling import GuidanceConfig, Stepper
@@ -92,23 +92,27 @@ def describe_plan(q: PlanQuery) -> dict:
     guidance = GuidanceConfig(q.guidance)
     passes = len(guidance.passes)
     forwards = 2 if Stepper(q.stepper) is Stepper.HEUN else 1
-    shape = RunShape.from_pixels(q.frames, q.height, q.width, vae_factor=f, guidance=guidance.mode,
+    shape = RunShape.from_pixels(q.frames, q.height, q.width, vae_factor=f, passes=passes,
                                  forwards_per_step=forwards)   # latent units
     tokens = (shape.frames // pt) * (shape.height // p) * (shape.width // p)
-    notes: list[str] = []
-    quant = resolve_quant(MemoryOptions(quant=q.quantization, device=str(device)), device, notes)
+    options = MemoryOptions(quant=q.quantization, device=str(device),
+                            block_swap=min(q.block_swap, config.depth + config.maskdit_extra_blocks))
+    quant, notes = resolve_quant(options, device)
     budget = Budget.whole_device(device)
-    plan = plan_memory(config, shape, budget, quant=quant, dtype=resolve_dtype(q.weight_dtype, device),
-                       blocks_to_swap=min(q.block_swap, config.depth + config.maskdit_extra_blocks), vae=vae)
+    run = plan_run(config, shape, options, device=device, quant=quant, budget=budget,
+                   dtype=resolve_dtype(q.weight_dtype, device), vae=vae)
+    plan = run.plan
     lines = [f"{tokens} tokens x {passes} passes per step ({q.guidance})", budget_text(budget, device),
-             *notes, plan.describe()]
+             *notes, *run.notes, plan.describe()]
     return {"tokens": tokens, "passes_per_step": passes, "forwards_per_step": passes * forwards,
             "fits": plan.fits, "peak_bytes": plan.peak_bytes, "text": "\n".join(lines)}
 
 
 def budget_text(budget: Budget, device: torch.device) -> str:
     """The plan's line saying which budget it was made against."""
-    gb = lambda n: f"{n / GiB:.2f} GiB"
+    gb = lambda n: "unknown" if n is None else f"{n / GiB:.2f} GiB"
+    if budget.device_free is None:
+        return f"budget: unknown ({budget.unknown}); the plan is not checked against it"
     if budget.device_type == "cpu":
         return f"budget: all {gb(budget.device_free)} of host RAM (sampling on the CPU)"
     return (f"budget: all {gb(budget.device_free)} of {device} (ComfyUI's other models are freed before "

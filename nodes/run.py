@@ -1,15 +1,19 @@
 """What the sampling nodes share: their settings as one dataclass, and a run with ComfyUI's progress bar,
-a latent preview each step, interrupt between steps (memory freed) and readable errors."""
+a latent preview each step, interrupt between steps (memory freed) and readable errors; before it, the
+memory plan of the run checked against the device (free RAM on the CPU, the whole GPU on a GPU), so a
+run that cannot fit is refused before it allocates anything."""
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Iterator, Optional
 
 import torch
 from PIL import Image
 
-from ..stiv_core.memory import Budget, RunShape, WontFitError, plan_memory
+from ..stiv_core.memory import (PIXEL_VAE, Budget, MemoryOptions, MemoryPlan, RunPlan, RunShape, VAEProfile,
+                                WontFitError, plan_run)
+from ..stiv_core.memory.quant import QuantConfig, tensor_bytes
 from ..stiv_core.pipeline import FrameCondition, GenerationRequest, STIVPipeline
 from ..stiv_core.sampling import GenerationCancelled, GuidanceConfig, GuidanceMode, SamplerConfig, StepInfo, Stepper
 from ..stiv_core.sampling.sampler import StepCallback
@@ -65,7 +69,7 @@ class SamplingSettings:
         """A sampling pass of `frames` frames at these settings, in latent units (for the planner)."""
         config = self.sampler_config()   # bad settings: its ValueError
         return RunShape.from_pixels(frames, self.height, self.width, vae_factor=vae_factor,
-                                    guidance=config.guidance.mode,
+                                    passes=len(config.guidance.passes),
                                     forwards_per_step=2 if config.stepper is Stepper.HEUN else 1)
 
     def request(self, cond: STIVConditioning, num_frames: int, *, frame_stride: int = 1) -> GenerationRequest:
@@ -78,17 +82,59 @@ class SamplingSettings:
                                  negative_prompt=cond.negative_prompt, frame_stride=frame_stride)
 
 
-UNBOUNDED = 1 << 62
 OUT_OF_MEMORY = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)   # torch.OutOfMemoryError: 2.5+
+# what torch's CPU allocator says when an allocation fails (a plain RuntimeError, not OutOfMemoryError)
+CPU_OUT_OF_MEMORY = ("DefaultCPUAllocator", "can't allocate memory", "not enough memory")
+
+
+def vae_profile(pipeline: STIVPipeline) -> VAEProfile:
+    """The decode cost the planner assumes for the pipeline's VAE: the pixel VAE's, else an SD-style
+    estimate at its pixels per latent (as nodes/plan.py's `vae_profile` for a checkpoint's)."""
+    factor = pipeline.vae.spatial_factor
+    return PIXEL_VAE if factor == 1 else VAEProfile(spatial_factor=factor)
+
+
+def plan_for(model: STIVModel, shape: RunShape, budget: Optional[Budget]) -> RunPlan:
+    """The memory plan of a run of `shape` with the model as loaded (its device, quantization, swapped
+    blocks, attention), through the one planning entry point the CLI uses too; `budget` None: what is
+    free on the device now. The model's weights are already in host RAM (the Loader keeps them there)."""
+    handle, net = model.memory, model.pipeline.model
+    if handle is None:
+        device, quant, options = model.pipeline.device, QuantConfig(), MemoryOptions(device=str(model.pipeline.device))
+    else:
+        device, quant, options = handle.device, handle.quant, handle.options
+    swap = len(handle.swapper.streamed) if handle is not None and handle.swapper is not None else 0
+    options = replace(options, block_swap=swap, attention=net.attention_backend, force=False)
+    return plan_run(net.config, shape, options, device=device, quant=quant, dtype=net.patch_embed.weight.dtype,
+                    budget=budget, held_bytes=tensor_bytes(net), vae=vae_profile(model.pipeline))
 
 
 def needed_bytes(model: STIVModel, shape: RunShape) -> int:
     """Device memory a run of `shape` needs with the model as loaded (weights, ring, activations)."""
-    handle, net = model.memory, model.pipeline.model
-    swap = len(handle.swapper.streamed) if handle.swapper is not None else 0
-    dtype = net.patch_embed.weight.dtype
-    return plan_memory(net.config, shape, Budget(UNBOUNDED, UNBOUNDED, handle.device.type), quant=handle.quant,
-                       dtype=dtype, blocks_to_swap=swap, backend=net.attention_backend).peak_bytes
+    device = model.memory.device if model.memory is not None else model.pipeline.device
+    return plan_for(model, shape, Budget.unbounded(device.type)).plan.peak_bytes
+
+
+def check_fits(model: STIVModel, shape: RunShape) -> MemoryPlan:
+    """The run's plan, or WontFitError saying what to change. On the CPU the budget is the RAM available
+    now (plus the model's own weights, already there); on a GPU the whole device, because ComfyUI is asked
+    to unload its other models before the run (`on_device`), as the plan the js/ extension shows."""
+    device = model.memory.device if model.memory is not None else model.pipeline.device
+    budget = None if device.type == "cpu" else Budget.whole_device(device)
+    run = plan_for(model, shape, budget)
+    if not run.plan.fits:
+        raise WontFitError(does_not_fit(run.plan, device))
+    return run.plan
+
+
+def does_not_fit(plan: MemoryPlan, device: torch.device) -> str:
+    """The node error for a refused run: the verdict, the fixes in the node's own widgets, the plan."""
+    where = "the free RAM (sampling on the CPU)" if device.type == "cpu" else f"{device}"
+    swap = "" if device.type == "cpu" else ", swap more blocks or quantize (STIV Loader)"
+    return (f"this run does not fit in {where}: {plan.reason}. Use fewer frames or a smaller width/height"
+            f"{swap}; for a long video, keyframes then interpolation (STIV Keyframe -> Interpolate) samples "
+            f"a few frames at a time; decode in chunks (STIV Decode chunk_frames {plan.vae_chunk_frames} or "
+            f"fewer). Nothing was allocated.\n{plan.describe()}")
 
 
 @contextmanager
@@ -145,7 +191,9 @@ def run_sampling(model: STIVModel, conditioning: STIVConditioning, total_steps: 
         return True
 
     try:
-        with on_device(model, shape()):
+        run_shape = shape()
+        check_fits(model, run_shape)   # before anything is allocated: a run that won't fit never starts
+        with on_device(model, run_shape):
             return {"samples": work(pipeline, on_step).cpu()}
     except GenerationCancelled:
         failure = None
@@ -154,6 +202,11 @@ def run_sampling(model: STIVModel, conditioning: STIVConditioning, total_steps: 
     except OUT_OF_MEMORY as err:
         failure = (f"{node}: out of device memory ({str(err).splitlines()[0]}); the weights are back on the "
                    f"CPU. Swap more blocks (STIV Loader block_swap), quantize, or lower the frames or size")
+    except RuntimeError as err:
+        if not any(s in str(err) for s in CPU_OUT_OF_MEMORY):
+            raise
+        failure = (f"{node}: out of memory on the CPU ({str(err).splitlines()[0]}); lower the frames or "
+                   f"width/height")
     # outside the except blocks: the traceback (and the tensors its frames hold) is gone by now
     _comfy.free_memory()
     if failure is None:

@@ -6,7 +6,7 @@ import torch
 
 from ..stiv_core.pipeline import interpolate_keyframes, long_video_latents
 from .run import SamplingSettings, run_sampling, settings_inputs
-from .types import STIVConditioning, STIVInputError, STIVModel
+from .types import STIVConditioning, STIVInputError, STIVModel, require_inputs
 
 
 class STIVSampler:
@@ -31,6 +31,7 @@ class STIVSampler:
 
     def sample(self, model: STIVModel, conditioning: STIVConditioning, frames: int, frame_stride: int,
                **settings):
+        require_inputs("STIV Sampler", model=model, conditioning=conditioning)
         s = SamplingSettings(**settings)
 
         def work(pipeline, callback):
@@ -65,6 +66,7 @@ class STIVKeyframeInterpolate:
 
     def sample(self, model: STIVModel, conditioning: STIVConditioning, keyframes: int, keyframe_stride: int,
                **settings):
+        require_inputs("STIV Keyframe -> Interpolate", model=model, conditioning=conditioning)
         s = SamplingSettings(**settings)
 
         def work(pipeline, callback):
@@ -103,6 +105,7 @@ class STIVInterpolateKeyframes:
 
     def sample(self, model: STIVModel, conditioning: STIVConditioning, keyframes: dict, keyframe_stride: int,
                **settings):
+        require_inputs("STIV Interpolate Keyframes", model=model, conditioning=conditioning)
         keys = keyframe_latents(model, keyframes)
         factor = model.pipeline.vae.spatial_factor
         s = SamplingSettings(width=keys.shape[4] * factor, height=keys.shape[3] * factor, **settings)

@@ -128,12 +128,32 @@ class STIVConditioning:
         return with_comfy_vae(pipeline, self.vae)
 
 
-def image_to_pixels(image: torch.Tensor) -> torch.Tensor:
-    """ComfyUI IMAGE `[N, H, W, C]` in 0..1 -> `(N, 3, H, W)` in [-1, 1] (alpha dropped, grey expanded)."""
+def require_inputs(node: str, **inputs: Any) -> None:
+    """Each of a node's STIV inputs (`model`, `conditioning`) connected and of its type, else a STIVInputError
+    naming the input and what gives it (an API prompt or a broken link can pass None or another type)."""
+    expected = {"model": (STIVModel, "STIV_MODEL", "STIV Loader"),
+                "conditioning": (STIVConditioning, "STIV_COND", "STIV Text Encode or STIV Image Condition")}
+    for name, value in inputs.items():
+        kind, type_name, source = expected[name]
+        if not isinstance(value, kind):
+            got = "nothing (not connected)" if value is None else type(value).__name__
+            raise STIVInputError(f"{node}: {name} must be a {type_name} from {source}, got {got}; connect it")
+
+
+def image_to_pixels(image: torch.Tensor, name: str = "images") -> torch.Tensor:
+    """ComfyUI IMAGE `[N, H, W, C]` in 0..1 -> `(N, 3, H, W)` in [-1, 1] (alpha dropped, grey expanded).
+    NaN or inf anywhere is refused with the input's `name` (they would come out as black frames)."""
+    if not isinstance(image, torch.Tensor):
+        raise STIVInputError(f"{name}: expected an IMAGE batch [N, H, W, C], got {type(image).__name__}")
     if image.dim() == 3:
         image = image[None]
     if image.dim() != 4 or image.shape[-1] not in (1, 3, 4):
-        raise STIVInputError(f"expected an IMAGE batch [N, H, W, C], got shape {tuple(image.shape)}")
+        raise STIVInputError(f"{name}: expected an IMAGE batch [N, H, W, C], got shape {tuple(image.shape)}")
+    bad = ~torch.isfinite(image)
+    if bad.any():
+        frames = sorted({int(i) for i in bad.flatten(1).any(1).nonzero().flatten()})
+        raise STIVInputError(f"{name} holds {int(bad.sum())} NaN or infinite values (image(s) {frames} of the "
+                             f"batch); fix the node that made them, they would become black frames")
     rgb = image[..., :3] if image.shape[-1] != 1 else image.expand(*image.shape[:3], 3)
     return (rgb.float().permute(0, 3, 1, 2) * 2 - 1).clamp(-1, 1)
 

@@ -145,3 +145,16 @@ def check_keys(model: torch.nn.Module, shapes: Mapping[str, tuple[int, ...]], na
                  (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)) if items]
         raise CheckpointError(f"{name} does not match the model config: " + "; ".join(parts))
 
+
+
+def check_finite(module: torch.nn.Module, name: str, limit: int = 3) -> None:
+    """Raise CheckpointError naming the (first `limit`) floating-point tensors of `module` that hold NaN or
+    inf. A model with them samples NaN, which a clamp to [-1, 1] then shows as a black video: the error
+    belongs at load, where the file can be named. Integer storage (quantized weights) is skipped."""
+    bad = [key for key, tensor in module.state_dict().items()
+           if tensor.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+           and not bool(torch.isfinite(tensor).all())]
+    if bad:
+        more = f" and {len(bad) - limit} more" if len(bad) > limit else ""
+        raise CheckpointError(f"{name} holds NaN or infinite weights in {', '.join(bad[:limit])}{more}: the file is "
+                              f"corrupt or was saved from a diverged training run; use an earlier checkpoint")

@@ -20,8 +20,7 @@ import torch
 from .bundle import LOAD_DTYPE, load_defaults, load_pipeline, resolve_model_path
 from .checkpoint import load_config
 from .conditioning import Task, given_frames
-from .memory import (PIXEL_VAE, Budget, MemoryOptions, QuantMode, RunShape, WontFitError, apply_memory_options,
-                     plan_memory)
+from .memory import PIXEL_VAE, MemoryOptions, QuantMode, RunShape, WontFitError, apply_memory_options, plan_run
 from .memory.options import resolve_device, resolve_quant
 from .model.attention import AttentionBackend
 from .pipeline import (FrameCondition, GenerationRequest, STIVPipeline, check_long_video, long_video_latents,
@@ -91,20 +90,16 @@ def run_shape(job: Job, spatial_factor: int) -> RunShape:
     frames = max((r.num_frames, *((job.keyframes, job.stride + 1) if job.keyframes else ())))
     heun = r.sampler.stepper is Stepper.HEUN
     return RunShape(frames, r.height // spatial_factor, r.width // spatial_factor, batch=len(r.prompts),
-                    guidance=r.sampler.guidance.mode, forwards_per_step=2 if heun else 1)
+                    passes=len(r.sampler.guidance.passes), forwards_per_step=2 if heun else 1)
 
 
 def print_plan(model_path: Path, job: Job) -> None:
-    """--plan-only: the plan from the config alone (no weights are loaded)."""
-    notes: list[str] = []
-    device = resolve_device(job.memory.device, notes)
-    quant = resolve_quant(job.memory, device, notes)
-    swap = job.memory.block_swap
-    plan = plan_memory(load_config(model_path), run_shape(job, 1), Budget.probe(device), quant=quant,
-                       dtype=LOAD_DTYPE,
-                       blocks_to_swap=None if swap == "auto" else swap, backend=job.memory.attention,
-                       vae=PIXEL_VAE)
-    print("\n".join([*notes, plan.describe()]))
+    """--plan-only: the plan from the config alone (no weights are loaded), judged as a run would be."""
+    device, notes = resolve_device(job.memory.device)
+    quant, quant_notes = resolve_quant(job.memory, device)
+    run = plan_run(load_config(model_path), run_shape(job, 1), job.memory, device=device, quant=quant,
+                   dtype=LOAD_DTYPE, vae=PIXEL_VAE)
+    print("\n".join([*notes, *quant_notes, *run.notes, run.plan.describe()]))
 
 
 def make_job(args: argparse.Namespace, model_path: Path) -> Job:

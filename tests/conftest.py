@@ -75,3 +75,18 @@ def make_inputs():
         )
 
     return build
+
+
+@pytest.fixture(autouse=True)
+def fixed_host_ram(monkeypatch):
+    """No test depends on this machine's free RAM: every loaded copy of the RAM probe (stiv_core's, and the
+    node pack's own import of it) reads 64 GiB, 32 GiB available. A test that needs another reading
+    patches `host_ram` again."""
+    import sys
+
+    from stiv_core.memory.ram import HostRAM
+
+    reading = HostRAM(64 * 2 ** 30, 32 * 2 ** 30, "tests")
+    for name, module in list(sys.modules.items()):
+        if name.endswith("stiv_core.memory.ram"):
+            monkeypatch.setattr(module, "host_ram", lambda: reading)

@@ -136,3 +136,55 @@ def test_offload_leaves_nothing_on_the_gpu_and_load_restores(make_model, make_in
     handle.load()
     out = _run(model, {k: v.cuda() for k, v in inputs.items()})
     torch.testing.assert_close(out.cpu(), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_block_swap_is_a_count_or_none_for_auto():
+    assert MemoryOptions(block_swap="auto").block_swap is None
+    assert MemoryOptions(block_swap=None).block_swap is None
+    assert MemoryOptions().block_swap == 0 and MemoryOptions(block_swap=3).block_swap == 3
+    for bad in (True, -1, 1.5):
+        with pytest.raises(ValueError, match="'auto'"):
+            MemoryOptions(block_swap=bad)
+
+
+def test_resolvers_return_their_notes_instead_of_appending_to_a_list():
+    device, notes = options_mod.resolve_device("cpu")
+    assert device.type == "cpu" and notes == []
+    quant, notes = options_mod.resolve_quant(MemoryOptions(QuantMode.FP8_SCALED, **CPU), device)
+    assert quant.fp8_format is not None and len(notes) == 1 and "fp8 format" in notes[0]
+
+
+def test_plan_run_is_what_apply_memory_options_decides_with(make_model):
+    """The one entry point: the handle's plan is plan_run's for the same budget, and an unknown budget is
+    planned unchecked, with a note, instead of refusing on a guess."""
+    shape, budget = RunShape(4, 8, 8), Budget(10 ** 9, 10 ** 9, "cpu")
+    model = make_model(depth=3)
+    handle = apply_memory_options(copy.deepcopy(model), MemoryOptions(block_swap=None, **CPU), shape=shape,
+                                  budget=budget)
+    run = options_mod.plan_run(model.config, shape, MemoryOptions(block_swap=None, **CPU),
+                               device=torch.device("cpu"), quant=QuantConfig(), dtype=torch.float32, budget=budget)
+    assert run.plan == handle.plan and run.notes == ()
+    unknown = Budget(None, None, "cpu", unknown="psutil is not installed")
+    run = options_mod.plan_run(model.config, shape, MemoryOptions(**CPU), device=torch.device("cpu"),
+                               quant=QuantConfig(), dtype=torch.float32, budget=unknown)
+    assert run.plan.fits and "not checked: psutil is not installed" in run.plan.reason
+    assert any("psutil is not installed" in n for n in run.notes)
+    run.require_fit()   # an unknown budget never refuses
+
+
+def test_a_probed_budget_counts_the_loaded_weights_once(make_model, monkeypatch):
+    """The weights are already in the RAM the probe reads: a run needing little more than them fits."""
+    from stiv_core.memory import ram
+    from stiv_core.memory.quant import tensor_bytes
+
+    shape = RunShape(4, 8, 8)
+    model = make_model(depth=3)
+    peak = apply_memory_options(copy.deepcopy(model), MemoryOptions(**CPU), shape=shape,
+                                budget=Budget(10 ** 9, 10 ** 9, "cpu")).plan.peak_bytes
+    weights = tensor_bytes(model)
+    available = peak - weights + 1024   # enough for the activations only
+    monkeypatch.setattr(ram, "host_ram", lambda: ram.HostRAM(10 ** 9, available, "test"))
+    assert apply_memory_options(copy.deepcopy(model), MemoryOptions(**CPU), shape=shape).plan.fits
+    monkeypatch.setattr(ram, "host_ram", lambda: ram.HostRAM(10 ** 9, available - 2048, "test"))
+    with pytest.raises(WontFitError, match="of RAM free"):
+        apply_memory_options(copy.deepcopy(model), MemoryOptions(**CPU), shape=shape)

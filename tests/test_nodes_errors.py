@@ -121,3 +121,64 @@ def test_decode_refuses_latents_of_another_model(folder):
     model = load()
     with pytest.raises(Err, match="STIV Decode: expected STIV video latents \\(B, 3, T, h, w\\).*got \\(1, 4, 8, 8\\)"):
         decode(model, {"samples": torch.zeros(1, 4, 8, 8)})
+
+
+def test_decode_chunk_frames_below_one_is_a_node_error_and_fails_validation(folder):
+    model = load()
+    latent = sample(model, text())
+    for bad in (0, -3):
+        with pytest.raises(Err, match=f"STIV Decode: chunk_frames must be a whole number of frames >= 1.*got {bad}"):
+            node("STIVDecode")(model, latent, chunk_frames=bad)
+    decode_cls = pack_module("nodes").NODE_CLASS_MAPPINGS["STIVDecode"]
+    assert "chunk_frames must be" in decode_cls.VALIDATE_INPUTS(chunk_frames=0)
+    assert decode_cls.VALIDATE_INPUTS(chunk_frames=4) is True and decode_cls.VALIDATE_INPUTS() is True
+    assert node("STIVDecode")(model, latent, chunk_frames=1)[0].shape == (4, 16, 16, 3)
+
+
+def test_a_missing_model_or_conditioning_names_the_input(folder):
+    model = load()
+    cases = [
+        (lambda: sample(model, None), "STIV Sampler: conditioning must be a STIV_COND from STIV Text Encode or "
+                                      "STIV Image Condition, got nothing \\(not connected\\)"),
+        (lambda: sample(None, text()), "STIV Sampler: model must be a STIV_MODEL from STIV Loader, got nothing"),
+        (lambda: sample(model, "a prompt"), "STIV Sampler: conditioning must be a STIV_COND .*got str"),
+        (lambda: node("STIVKeyframeInterpolate")(model, None, keyframes=2, keyframe_stride=3, **SETTINGS),
+         "STIV Keyframe -> Interpolate: conditioning must be"),
+        (lambda: node("STIVInterpolateKeyframes")(None, text(), {}, keyframe_stride=3,
+                                                  **{k: v for k, v in SETTINGS.items() if k not in ("width", "height")}),
+         "STIV Interpolate Keyframes: model must be"),
+        (lambda: node("STIVDecode")(None, {"samples": torch.zeros(1, 3, 2, 4, 4)}, chunk_frames=2),
+         "STIV Decode: model must be"),
+        (lambda: node("STIVImageCondition")(None, images(1), "first", 1), "STIV Image Condition: conditioning must be"),
+    ]
+    for call, message in cases:
+        with pytest.raises(Err, match=message):
+            call()
+
+
+def test_nan_in_given_images_is_reported_naming_the_input(folder):
+    bad = images(2)
+    bad[1, 3, 4, 0] = float("nan")
+    with pytest.raises(Err, match="STIV Image Condition: images holds 1 NaN or infinite values \\(image\\(s\\) \\[1\\]"):
+        node("STIVImageCondition")(text(), bad, "first k", 1)
+    last = images(1)
+    last[0, 0, 0, 1] = float("inf")
+    with pytest.raises(Err, match="STIV Image Condition: last_image holds 1 NaN"):
+        node("STIVImageCondition")(text(), images(1), "first+last", 1, last_image=last)
+
+
+def test_nan_in_the_weights_is_refused_at_load(folder):
+    from stiv_core.bundle import save_bundle
+    from stiv_core.encoders.words import WordTextEncoder
+    from tests.fakes import randomize
+    from tests.test_nodes_common import DEFAULTS, VOCAB
+
+    model = randomize(STIVTransformer(preset("tiny", depth=1, hidden_size=32, num_heads=2, text_dim=32,
+                                             pooled_text_dim=32, max_text_tokens=8)))
+    with torch.no_grad():
+        next(p for n, p in model.named_parameters() if n.startswith("blocks.0.")).view(-1)[0] = float("nan")
+    save_bundle(folder / "nan.safetensors", model, WordTextEncoder(VOCAB, dim=32, max_tokens=8), defaults=DEFAULTS)
+    with pytest.raises(Err, match="STIV Loader: cannot load 'nan.safetensors': nan.safetensors holds NaN or "
+                                  "infinite weights in blocks.0"):
+        load("nan.safetensors")
+    assert load().pipeline.model is not None   # the next load works

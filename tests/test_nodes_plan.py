@@ -44,7 +44,7 @@ class TestBareModel:
         assert "error" not in answer, answer
         # 16 px = 8 latents = 4 patches a side: (4 // 2) * 4 * 4, not (4 // 2) * 8 * 8 as pixels would give
         assert answer["tokens"] == 2 * 4 * 4
-        latent = RunShape(4, 8, 8, guidance="none")
+        latent = RunShape(4, 8, 8, passes=1)
         expected = plan_memory(models, latent, Budget(GiB, GiB, "cpu"), dtype=torch.float32,
                                blocks_to_swap=0, vae=plan.vae_profile(TRAINED))
         assert answer["peak_bytes"] == expected.peak_bytes

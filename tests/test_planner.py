@@ -16,7 +16,8 @@ from stiv_core.config import preset
 from stiv_core.memory.planner import (GiB, MiB, Budget, ModelSizes, RunShape, activation_bytes, plan_memory)
 from stiv_core.memory.quant import FP8Format, QuantConfig, QuantMode
 from stiv_core.model.attention import AttentionBackend
-from stiv_core.sampling.guidance import GuidanceMode
+from stiv_core.memory import ram
+from stiv_core.memory.ram import HostRAM
 
 FP8 = QuantConfig(QuantMode.FP8_SCALED, FP8Format.E4M3FN)
 NF4 = QuantConfig(QuantMode.NF4)
@@ -73,9 +74,9 @@ class TestChoice:
 
     def test_batched_jit_doubles_activations(self):
         cfg = preset("XL")
-        one = activation_bytes(cfg, RunShape(20, 64, 64, guidance=GuidanceMode.NONE), torch.bfloat16)
-        jit = activation_bytes(cfg, RunShape(20, 64, 64, guidance=GuidanceMode.JIT), torch.bfloat16)
-        sit = activation_bytes(cfg, RunShape(20, 64, 64, guidance=GuidanceMode.SIT), torch.bfloat16)
+        one = activation_bytes(cfg, RunShape(20, 64, 64, passes=1), torch.bfloat16)
+        jit = activation_bytes(cfg, RunShape(20, 64, 64, passes=2), torch.bfloat16)
+        sit = activation_bytes(cfg, RunShape(20, 64, 64, passes=3), torch.bfloat16)
         assert jit == 2 * one and sit == 3 * one
 
     def test_math_backend_counts_scores(self):
@@ -105,9 +106,7 @@ class TestBudget:
     def test_whole_device_is_the_device_total_not_what_is_free_now(self, monkeypatch):
         """A plan made while models are loaded (the Loader's own weights among them) must not count them:
         the whole device, and the host RAM available now."""
-        import psutil
-
-        monkeypatch.setattr(psutil, "virtual_memory", lambda: SimpleNamespace(total=64 * GiB, available=40 * GiB))
+        monkeypatch.setattr(ram, "host_ram", lambda: HostRAM(64 * GiB, 40 * GiB, "test"))
         monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (3 * GiB, 24 * GiB))
         assert Budget.whole_device("cuda:0") == Budget(24 * GiB, 40 * GiB, "cuda")
         assert Budget.probe("cuda:0") == Budget(3 * GiB, 40 * GiB, "cuda")
@@ -169,8 +168,60 @@ def test_estimate_within_20_percent_of_measured_cpu_peak(case):
 
     cfg = STIVConfig(depth=case["depth"], hidden_size=case["dim"], num_heads=case["dim"] // 64, text_dim=64,
                      pooled_text_dim=64, max_text_tokens=16)
-    shape = RunShape(case["frames"], case["hw"], case["hw"], batch=case["batch"], guidance=GuidanceMode.NONE)
+    shape = RunShape(case["frames"], case["hw"], case["hw"], batch=case["batch"], passes=1)
     plan = plan_memory(cfg, shape, Budget(64 * GiB, 64 * GiB, "cpu"), dtype=torch.float32)
     measured = result["weights"] + result["activations"]
     assert 0.8 <= plan.peak_bytes / measured <= 1.2, (plan.peak_bytes / MiB, measured / MiB, result)
     assert 0.8 <= plan.activation_bytes / result["activations"] <= 1.2, (plan.activation_bytes / MiB, result)
+
+
+class TestContract:
+    def test_the_plan_is_built_by_keyword_and_the_shape_takes_a_pass_count(self):
+        plan = plan_memory(preset("XL"), S256, Budget(24 * GiB, 64 * GiB))
+        with pytest.raises(TypeError):
+            type(plan)(*[getattr(plan, f) for f in plan.__dataclass_fields__])
+        with pytest.raises(ValueError, match="passes must be an int >= 1"):
+            RunShape(4, 8, 8, passes=0)
+
+    def test_the_planner_does_not_import_guidance(self):
+        import ast
+        import stiv_core.memory.planner as planner
+
+        tree = ast.parse(open(planner.__file__).read())
+        imported = [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
+        assert not [m for m in imported if "sampling" in m or "guidance" in m], imported
+
+    def test_an_unknown_budget_is_planned_unchecked_and_says_so(self):
+        plan = plan_memory(preset("M"), S512, Budget(None, None, "cpu", unknown="no /proc/meminfo, no psutil"))
+        assert plan.fits and plan.budget_bytes is None and plan.blocks_to_swap == 0
+        assert "not checked: no /proc/meminfo, no psutil" in plan.reason and "of unknown" in plan.describe()
+
+    def test_on_the_cpu_the_refusal_names_what_helps_there(self):
+        plan = plan_memory(preset("XL"), S512, Budget(GiB, GiB, "cpu"), blocks_to_swap=0)
+        assert not plan.fits and "lower the frames, resolution or batch" in plan.reason
+        assert "block swap saves no memory on the CPU" in plan.reason
+
+
+class TestHostRAM:
+    MEMINFO = "MemTotal:       16318524 kB\nMemFree:         1012345 kB\nMemAvailable:    8159262 kB\n"
+
+    def test_meminfo_is_read_first(self, tmp_path):
+        (tmp_path / "meminfo").write_text(self.MEMINFO)
+        got = ram.read_host_ram(tmp_path / "meminfo", psutil_module="no_such_psutil")
+        assert got == HostRAM(16318524 * 1024, 8159262 * 1024, "/proc/meminfo") and got.known
+
+    def test_psutil_where_meminfo_is_missing_or_has_no_mem_available(self, tmp_path, monkeypatch):
+        import psutil
+
+        monkeypatch.setattr(psutil, "virtual_memory", lambda: SimpleNamespace(total=8 * GiB, available=3 * GiB))
+        (tmp_path / "old").write_text("MemTotal: 1000 kB\nMemFree: 10 kB\n")   # a kernel before 3.14
+        for path in (tmp_path / "absent", tmp_path / "old"):
+            assert ram.read_host_ram(path) == HostRAM(8 * GiB, 3 * GiB, "psutil")
+
+    def test_unknown_says_why_and_the_budget_carries_it(self, tmp_path, monkeypatch):
+        got = ram.read_host_ram(tmp_path / "absent", psutil_module="no_such_psutil")
+        assert not got.known and got.total is None and got.available is None
+        assert "absent unreadable" in got.unknown and "no_such_psutil is not installed" in got.unknown
+        monkeypatch.setattr(ram, "host_ram", lambda: got)
+        budget = Budget.probe("cpu")
+        assert budget.device_free is None and budget.unknown == got.unknown

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from stiv_core.memory.quant import FP8Format, QuantConfig, QuantMode, quantize_blocks
-from stiv_core.memory.swap import BlockSwapper, swappable_blocks
+from stiv_core.memory.swap import BlockSwapper
 
 DEVICE = "cpu"  # the same machinery as CUDA with synchronous copies (see swap.py)
 
@@ -183,9 +183,18 @@ class TestCuda:
         assert all(m.is_pinned() for ms in swapper._masters for m in ms)
         for _ in range(3):
             assert torch.equal(_forward(model, inputs), expected)
-        assert all(p.device.type == "cpu" for b in swappable_blocks(model)[1:] for p in b.parameters())
+        assert all(p.device.type == "cpu" for b in model.all_blocks()[1:] for p in b.parameters())
         swapper.park()   # between runs: nothing of the model left on the GPU
         assert all(t.device.type == "cpu" for t in [*model.parameters(), *model.buffers()])
         swapper.unpark()
         assert model.patch_embed.weight.device.type == "cuda"
         assert torch.equal(_forward(model, inputs), expected)
+
+
+def test_all_blocks_are_the_blocks_in_run_order_with_their_state_dict_names(make_model):
+    model = make_model(depth=3, maskdit_extra_blocks=2)
+    names = [name for name, _ in model.named_blocks()]
+    assert names == ["blocks.0", "blocks.1", "blocks.2", "extra_blocks.0", "extra_blocks.1"]
+    assert model.all_blocks() == [*model.blocks, *model.extra_blocks]
+    modules = dict(model.named_modules())
+    assert all(modules[name] is block for name, block in model.named_blocks())

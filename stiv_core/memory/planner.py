@@ -4,7 +4,8 @@ choose how many blocks to swap and whether to decode the VAE in chunks, and say 
 Estimate of the device peak during sampling:
   weights   = non-block tensors + resident blocks + (ring of `prefetch + 1` block buffers if swapping)
   activations (one batched forward, no autograd) = N * (5 D + 2 H) * bytes + scores
-    N = passes * batch * tokens (batched JIT-CFG is 2 passes, so it doubles activations), D the width,
+    N = passes * batch * tokens (batched JIT-CFG is 2 passes, so it doubles activations; the caller says
+    how many passes its guidance batches, the planner does not know guidance modes), D the width,
     H the FFN width: the FFN holds the residual, its norm and modulated input (3 D), fc1's output and
     its GELU (2 H), and a couple of D-wide temporaries; measured within 20% on the CPU (tests).
     scores: the math backend materializes `(B*T', heads, S, S)` float32 scores and their softmax;
@@ -20,7 +21,7 @@ import torch
 
 from ..config import STIVConfig
 from ..model.attention import AttentionBackend
-from ..sampling.guidance import GuidanceConfig, GuidanceMode
+from . import ram as host
 from .quant import QuantConfig, quantize_blocks, tensor_bytes
 
 MiB, GiB = 2 ** 20, 2 ** 30
@@ -30,22 +31,23 @@ CPU_WORKSPACE = 0         # measured: on the CPU the formula alone is within 1% 
 
 @dataclass(frozen=True)
 class RunShape:
-    """One sampling run in latent units: `(batch, C, frames, height, width)` latents."""
+    """One sampling run in latent units: `(batch, C, frames, height, width)` latents, `passes` guidance
+    passes batched in each forward (`len(GuidanceConfig.passes)`: none 1, cfg / JIT 2, SIT 3)."""
 
     frames: int
     height: int
     width: int
     batch: int = 1
-    guidance: GuidanceMode = GuidanceMode.JIT
+    passes: int = 2              # the default guidance, JIT-CFG
     forwards_per_step: int = 1   # model evaluations per step (Euler 1, Heun 2)
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.passes, int) and self.passes >= 1):
+            raise ValueError(f"RunShape.passes must be an int >= 1 (guidance passes per forward), got {self.passes!r}")
 
     @classmethod
     def from_pixels(cls, frames: int, height: int, width: int, *, vae_factor: int = 8, **kw) -> RunShape:
         return cls(frames, height // vae_factor, width // vae_factor, **kw)
-
-    @property
-    def passes(self) -> int:
-        return len(GuidanceConfig(mode=self.guidance).passes)
 
 
 @dataclass(frozen=True)
@@ -65,40 +67,69 @@ PIXEL_VAE = VAEProfile(weight_bytes=0, bytes_per_pixel=12.0, spatial_factor=1)
 @dataclass(frozen=True)
 class Budget:
     """Free bytes on the device and in host RAM: what `probe` measures now (after anything else already
-    there), or what `whole_device` assumes (the device as if nothing else were on it)."""
+    there), or what `whole_device` assumes (the device as if nothing else were on it). None = unknown
+    (`unknown` says why): the planner then does not check that memory, and says so in its reason."""
 
-    device_free: int
-    ram_free: int
+    device_free: Optional[int]
+    ram_free: Optional[int]
     device_type: str = "cuda"
+    unknown: str = ""
 
     @classmethod
     def probe(cls, device: torch.device | str) -> Budget:
-        import psutil
-
         device = torch.device(device)
-        ram = psutil.virtual_memory().available
+        ram = host.host_ram()
         if device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(device)
-            return cls(free, ram, "cuda")
-        return cls(ram, ram, device.type)
+            free, _, why = _cuda_memory(device)
+            return cls(free, ram.available, "cuda", _join(why, ram.unknown))
+        return cls(ram.available, ram.available, device.type, ram.unknown)
 
     @classmethod
     def whole_device(cls, device: torch.device | str) -> Budget:
         """All of the device's memory and the host RAM available now: the budget of a run that frees the
         device's other models first (a plan made while they, or this model's own weights, are loaded would
         otherwise count them against it). On the CPU the device is the host RAM: all of it."""
-        import psutil
-
         device = torch.device(device)
-        ram = psutil.virtual_memory()
+        ram = host.host_ram()
         if device.type == "cuda":
-            _, total = torch.cuda.mem_get_info(device)
-            return cls(total, ram.available, "cuda")
-        return cls(ram.total, ram.available, device.type)
+            _, total, why = _cuda_memory(device)
+            return cls(total, ram.available, "cuda", _join(why, ram.unknown))
+        return cls(ram.total, ram.available, device.type, ram.unknown)
+
+    @classmethod
+    def unbounded(cls, device_type: str = "cuda") -> Budget:
+        """No limit: for what a run needs (its peak), not whether it fits."""
+        return cls(UNBOUNDED, UNBOUNDED, device_type)
+
+    def plus_held(self, held_bytes: int) -> Budget:
+        """This budget with `held_bytes` of the model's own tensors, already in host RAM, given back: the
+        plan counts them (in its peak on the CPU, where the device is the RAM; as the swapped blocks' host
+        copies on a GPU), but what is available now no longer includes them."""
+        if held_bytes == 0:
+            return self
+        add = lambda n: None if n is None else n + held_bytes
+        device = add(self.device_free) if self.device_type == "cpu" else self.device_free
+        return Budget(device, add(self.ram_free), self.device_type, self.unknown)
 
     @property
     def workspace(self) -> int:
         return CUDA_WORKSPACE if self.device_type == "cuda" else CPU_WORKSPACE
+
+
+UNBOUNDED = 1 << 62
+
+
+def _cuda_memory(device: torch.device) -> tuple[Optional[int], Optional[int], str]:
+    """(free, total, why unknown) of a CUDA device; unknown where the query fails (no CUDA here)."""
+    try:
+        free, total = torch.cuda.mem_get_info(device)
+        return free, total, ""
+    except (RuntimeError, AssertionError) as err:   # torch without CUDA asserts
+        return None, None, f"{device} memory unknown ({err})"
+
+
+def _join(*reasons: str) -> str:
+    return "; ".join(r for r in reasons if r)
 
 
 @dataclass(frozen=True)
@@ -116,13 +147,16 @@ class ModelSizes:
         with torch.device("meta"):
             model = STIVTransformer(config).to(dtype)
         quantize_blocks(model, quant)
-        blocks = [*model.blocks, *model.extra_blocks]
+        blocks = model.all_blocks()
         block = tensor_bytes(blocks[0])
         return cls(block, tensor_bytes(model) - block * len(blocks), len(blocks))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class MemoryPlan:
+    """The planner's decision (built by keyword: twelve numbers are easy to misorder). `budget_bytes`
+    is None where the device's free memory was unknown (the verdict then says it was not checked)."""
+
     blocks: int
     blocks_to_swap: int
     ring: int
@@ -130,7 +164,7 @@ class MemoryPlan:
     weight_bytes: int          # on the device: non-block + resident blocks + ring
     activation_bytes: int
     peak_bytes: int
-    budget_bytes: int
+    budget_bytes: Optional[int]
     ram_needed: int            # host RAM for the streamed blocks' pinned masters
     swap_bytes_per_step: int
     vae_chunk_frames: int
@@ -138,7 +172,7 @@ class MemoryPlan:
     reason: str
 
     def describe(self) -> str:
-        gb = lambda n: f"{n / GiB:.2f} GiB"
+        gb = lambda n: "unknown" if n is None else f"{n / GiB:.2f} GiB"
         lines = [f"memory plan: {'fits' if self.fits else 'DOES NOT FIT'} ({self.reason})",
                  f"  weights on device {gb(self.weight_bytes)} ({self.blocks - self.blocks_to_swap} of "
                  f"{self.blocks} blocks resident, {self.blocks_to_swap} swapped through a ring of {self.ring})",
@@ -170,13 +204,14 @@ def plan_memory(config: STIVConfig, shape: RunShape, budget: Budget, *, quant: Q
     sizes = ModelSizes.of(config, quant, dtype)
     acts = activation_bytes(config, shape, dtype, backend) + budget.workspace
     fixed = sizes.other_bytes + acts
+    free = UNBOUNDED if budget.device_free is None else budget.device_free
 
     def peak(swap: int) -> int:
         ring = min(prefetch + 1, swap)
         return fixed + (sizes.blocks - swap + ring) * sizes.block_bytes
 
     if blocks_to_swap is None:
-        fitting = [s for s in range(sizes.blocks + 1) if peak(s) <= budget.device_free]
+        fitting = [s for s in range(sizes.blocks + 1) if peak(s) <= free]
         swap = fitting[0] if fitting else sizes.blocks
     else:
         if not 0 <= blocks_to_swap <= sizes.blocks:
@@ -185,21 +220,31 @@ def plan_memory(config: STIVConfig, shape: RunShape, budget: Budget, *, quant: Q
     ring = min(prefetch + 1, swap)
     total = peak(swap)
     ram = swap * sizes.block_bytes
-    fits, reason = _verdict(total, budget.device_free, ram, budget.ram_free, swap, sizes.blocks)
-    chunk = _vae_chunk(shape, budget.device_free - sizes.other_bytes - (sizes.blocks - swap + ring) * sizes.block_bytes, vae)
-    return MemoryPlan(sizes.blocks, swap, ring, sizes.block_bytes, total - acts, acts, total, budget.device_free,
-                      ram, swap * sizes.block_bytes * shape.forwards_per_step if swap > ring else 0,
-                      chunk, fits, reason)
+    fits, reason = _verdict(total, ram, budget, swap == sizes.blocks)
+    resident = sizes.other_bytes + (sizes.blocks - swap + ring) * sizes.block_bytes
+    return MemoryPlan(blocks=sizes.blocks, blocks_to_swap=swap, ring=ring, block_bytes=sizes.block_bytes,
+                      weight_bytes=total - acts, activation_bytes=acts, peak_bytes=total,
+                      budget_bytes=budget.device_free, ram_needed=ram,
+                      swap_bytes_per_step=ram * shape.forwards_per_step if swap > ring else 0,
+                      vae_chunk_frames=_vae_chunk(shape, free - resident, vae), fits=fits, reason=reason)
 
 
-def _verdict(peak: int, free: int, ram: int, ram_free: int, swap: int, blocks: int) -> tuple[bool, str]:
+def _verdict(peak: int, ram: int, budget: Budget, all_swapped: bool) -> tuple[bool, str]:
+    """Fits or not, and why, in words for the person who has to change something."""
+    free, ram_free, gb = budget.device_free, budget.ram_free, lambda n: f"{n / GiB:.2f} GiB"
+    if free is None:
+        return True, f"needs {gb(peak)}; not checked: {budget.unknown or 'free memory unknown'}"
     if peak > free:
-        hint = "even with every block swapped; " if swap == blocks else ""
-        return False, (f"needs {peak / GiB:.2f} GiB, {free / GiB:.2f} GiB free: {hint}swap more blocks, "
+        if budget.device_type == "cpu":   # the blocks already live in RAM: swapping them saves nothing
+            return False, (f"needs {gb(peak)}, {gb(free)} of RAM free: lower the frames, resolution or batch, "
+                           f"or quantize (fp8 / nf4); block swap saves no memory on the CPU")
+        hint = "even with every block swapped; " if all_swapped else ""
+        return False, (f"needs {gb(peak)}, {gb(free)} free: {hint}swap more blocks, "
                        f"quantize (fp8 / nf4), or lower the resolution, frames or batch")
-    if ram > ram_free:
-        return False, f"the swapped blocks need {ram / GiB:.2f} GiB of host RAM, {ram_free / GiB:.2f} GiB free"
-    return True, f"{peak / GiB:.2f} GiB of {free / GiB:.2f} GiB"
+    if ram_free is not None and ram > ram_free:
+        return False, f"the swapped blocks need {gb(ram)} of host RAM, {gb(ram_free)} free"
+    unchecked = f"; host RAM not checked: {budget.unknown}" if ram and ram_free is None else ""
+    return True, f"{gb(peak)} of {gb(free)}{unchecked}"
 
 
 def _vae_chunk(shape: RunShape, free_for_vae: int, vae: VAEProfile) -> int:

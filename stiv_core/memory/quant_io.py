@@ -83,16 +83,14 @@ def _quantize_while_loading(model: STIVTransformer, f, quant: QuantConfig, devic
     keys = list(f.keys())
     check_keys(model, {key: tuple(f.get_slice(key).get_shape()) for key in keys}, name)
     report = QuantReport(quant)
-    block_prefixes = [f"{group}.{i}." for group in ("blocks", "extra_blocks")
-                      for i in range(len(getattr(model, group)))]
-    in_blocks = lambda key: any(key.startswith(p) for p in block_prefixes)
+    blocks = model.named_blocks()
+    in_blocks = lambda key: any(key.startswith(f"{prefix}.") for prefix, _ in blocks)
     rest = {key: f.get_tensor(key).to(device=device, dtype=dtype) for key in keys if not in_blocks(key)}
     model.load_state_dict(rest, assign=True, strict=False)
-    for prefix in block_prefixes:
-        group, index = prefix.rstrip(".").split(".")
-        block = getattr(model, group)[int(index)]
-        state = {key[len(prefix):]: f.get_tensor(key).to(dtype=dtype) for key in keys if key.startswith(prefix)}
+    for prefix, block in blocks:
+        state = {key[len(prefix) + 1:]: f.get_tensor(key).to(dtype=dtype) for key in keys
+                 if key.startswith(f"{prefix}.")}
         block.load_state_dict(state, assign=True)  # full precision, on the CPU: one block only
-        quantize_module(block, quant, report, prefix=prefix.rstrip("."))
+        quantize_module(block, quant, report, prefix=prefix)
         block.to(device)
     return report

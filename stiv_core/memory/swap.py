@@ -48,11 +48,6 @@ class SwapStats:
     bytes_copied: int = 0
 
 
-def swappable_blocks(model: nn.Module) -> list[nn.Module]:
-    """The transformer blocks in the order a forward runs them (main blocks, then MaskDiT's extras)."""
-    return [*model.blocks, *model.extra_blocks]
-
-
 def _block_tensors(block: nn.Module) -> list[tuple[str, torch.Tensor]]:
     return [*block.named_parameters(), *((n, b) for n, b in block.named_buffers() if b is not None)]
 
@@ -66,7 +61,7 @@ class BlockSwapper:
 
     def __init__(self, model: nn.Module, blocks_to_swap: int, *, device: torch.device | str,
                  prefetch: int = 1, cpu_copies: bool = True):
-        blocks = swappable_blocks(model)
+        blocks = model.all_blocks()   # run order: the last ones stream
         if not 0 <= blocks_to_swap <= len(blocks):
             raise ValueError(f"blocks_to_swap must be in 0..{len(blocks)} (the model's blocks), got {blocks_to_swap}")
         if prefetch < 1:

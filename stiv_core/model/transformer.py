@@ -100,11 +100,22 @@ class STIVTransformer(nn.Module):
             nn.init.normal_(embedder.mlp[2].weight, std=0.02)
         zero = [self.given_frame_embed.weight, self.adaln_single[1].weight, self.adaln_single[1].bias,
                 self.final_linear.weight, self.final_linear.bias]
-        for block in [*self.blocks, *self.extra_blocks]:
+        for block in self.all_blocks():
             zero += [block.scale_shift_table, block.cross_attn.proj.weight, block.cross_attn.proj.bias,
                      block.temporal_attn.proj.weight, block.temporal_attn.proj.bias]
         for param in zero:
             nn.init.zeros_(param)
+
+    def named_blocks(self) -> list[tuple[str, STIVBlock]]:
+        """Every transformer block with its state-dict prefix ("blocks.3", "extra_blocks.0"), in the order a
+        forward runs them: the main blocks, then MaskDiT's extra blocks. The one definition of that order
+        (block swap streams, quantization and the planner count blocks by it)."""
+        return [*((f"blocks.{i}", b) for i, b in enumerate(self.blocks)),
+                *((f"extra_blocks.{i}", b) for i, b in enumerate(self.extra_blocks))]
+
+    def all_blocks(self) -> list[STIVBlock]:
+        """The blocks of `named_blocks()`, without their names."""
+        return [block for _, block in self.named_blocks()]
 
     def set_attention_backend(self, backend: AttentionBackend) -> None:
         self.attention_backend = AttentionBackend(backend)
