@@ -36,7 +36,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from stiv_core.conditioning import MICRO_CONDITIONS  # noqa: E402
+from stiv_core.config import MICRO_CONDITIONS  # noqa: E402
 from stiv_core.config import STIVConfig  # noqa: E402
 from stiv_core.model import STIVTransformer  # noqa: E402
 

@@ -12,6 +12,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from .config import MICRO_CONDITIONS
 
 @dataclass(frozen=True)
 class FrameReplacementPlan:
@@ -137,9 +138,6 @@ class MicroConditions:
         """`(B, 6)` float in `MICRO_CONDITIONS` order."""
         row = torch.tensor([float(getattr(self, name)) for name in MICRO_CONDITIONS])
         return row.expand(batch, -1).clone()
-
-
-MICRO_CONDITIONS = ("height", "width", "crop_top", "crop_left", "frame_stride", "num_frames")
 
 
 def _as_frames(latent: torch.Tensor) -> torch.Tensor:

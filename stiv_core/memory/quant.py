@@ -248,8 +248,3 @@ def quantized_buffer_names(model: nn.Module) -> set[str]:
     return {f"{name}.{buf}" for name, mod in model.named_modules() if isinstance(mod, kinds)
             for buf, _ in mod.named_buffers(recurse=False)}
 
-
-def tensor_bytes(module: nn.Module) -> int:
-    """Bytes of every parameter and buffer of `module` (meta tensors count as their would-be size)."""
-    tensors = [*module.parameters(), *module.buffers()]
-    return sum(t.numel() * t.element_size() for t in tensors)

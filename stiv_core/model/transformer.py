@@ -8,8 +8,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..conditioning import MICRO_CONDITIONS
-from ..config import STIVConfig
+from ..config import MICRO_CONDITIONS, STIVConfig
 from .attention import AttentionBackend
 from .layers import (CrossAttention, FeedForward, ScalarEmbedder, SelfAttention, modulate,
                      stateless_norm)
