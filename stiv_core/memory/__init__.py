@@ -2,6 +2,7 @@
 with prefetch (hooks), the memory planner, and `apply_memory_options`, the one entry point used by the
 CLI, the Loader node and the trainer.
 """
+from . import bnb  # registers the int8 / nf4 Linears with quant.py; bitsandbytes loads only when used
 from .options import MemoryHandle, MemoryOptions, WontFitError, apply_memory_options, compile_blocks
 from .planner import PIXEL_VAE, Budget, MemoryPlan, RunShape, VAEProfile, plan_memory
 from .quant import FP8Format, QuantConfig, QuantMode, ScaleGranularity, quantize_blocks
