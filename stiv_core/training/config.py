@@ -24,7 +24,7 @@ import torch
 
 from ..checkpoint import CheckpointError, recorded_config
 from ..config import STIVConfig, preset
-from ..data.config import ConfigError, DataConfig, DataKind, coerce_enum as _coerce_enum, need as _need
+from ..data.config import ConfigError, DataConfig, coerce_enum as _coerce_enum, need as _need
 
 
 class OptimizerKind(str, enum.Enum):
