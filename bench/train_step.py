@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from stiv_core.config import preset  # noqa: E402
-from stiv_core.data.stand_ins import HashedTextEncoder  # noqa: E402
+from stiv_core.encoders.hashed import HashedTextEncoder  # noqa: E402
 from stiv_core.model.transformer import STIVTransformer  # noqa: E402
 from stiv_core.training.config import RecipeConfig  # noqa: E402
 from stiv_core.training.optim import AdaFactor  # noqa: E402

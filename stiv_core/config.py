@@ -1,7 +1,6 @@
-"""The STIV model configuration: one frozen, validated dataclass and the named presets.
-
-`python -m stiv_core.config` prints every preset with its parameter count, counted on the meta
-device (no memory is allocated).
+"""The STIV model configuration: one frozen, validated dataclass, the named presets and the names of
+the micro-conditions. A leaf: it imports nothing else of stiv_core (the parameter counts of the presets
+are in `model/sizes.py`: `python -m stiv_core.model.sizes`, or `python -m stiv_core.config`).
 """
 from __future__ import annotations
 
@@ -21,6 +20,9 @@ class Prediction(str, enum.Enum):
 
 
 ALLOWED_TEMPORAL_PATCHES = (1, 2, 4)
+# The paper's micro-conditions, in the order of the `(B, 6)` vector the model embeds (one embedder each)
+# and `conditioning.MicroConditions.tensor` writes; pixels and frames of the original (pre-crop) video.
+MICRO_CONDITIONS = ("height", "width", "crop_top", "crop_left", "frame_stride", "num_frames")
 
 # The micro-conditions, in the order of the model's embedders (one per column of the `(B, 6)` tensor): part
 # of every trained checkpoint, so never reordered.
@@ -137,27 +139,7 @@ def preset(name: str, **changes: Any) -> STIVConfig:
     return PRESETS[name].replace(**changes) if changes else PRESETS[name]
 
 
-def count_parameters(config: STIVConfig) -> int:
-    """Parameters of the model built from `config`, counted on the meta device."""
-    import torch
+if __name__ == "__main__":  # the command predates model/sizes.py; run as a program, not imported
+    from .model.sizes import main
 
-    from .model.transformer import STIVTransformer
-
-    with torch.device("meta"):
-        model = STIVTransformer(config)
-    return sum(p.numel() for p in model.parameters())
-
-
-def main() -> None:
-    print(f"{'preset':<6} {'depth':>5} {'width':>6} {'heads':>5} {'params':>10} {'+MaskDiT 2':>11}  paper")
-    for name, config in PRESETS.items():
-        n = count_parameters(config)
-        n_mask = count_parameters(config.replace(maskdit_extra_blocks=2))
-        paper = PAPER_PARAMETERS.get(name)
-        note = f"{paper / 1e9:.2f}B ({(n / paper - 1) * 100:+.1f}%)" if paper else "-"
-        print(f"{name:<6} {config.depth:>5} {config.hidden_size:>6} {config.num_heads:>5} "
-              f"{n / 1e9:>9.3f}B {n_mask / 1e9:>10.3f}B  {note}")
-
-
-if __name__ == "__main__":
     main()

@@ -40,7 +40,6 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from tqdm.auto import tqdm
 
-from .data.cache import check_cache_source
 from .data.loader import build_dataset, build_loader, mix_seed
 from .data.sample import SampleBatch
 from .bundle import SamplingDefaults, TrainedWith, save_bare_model, save_bundle
@@ -49,6 +48,7 @@ from .encoders.words import WordTextEncoder
 from .interfaces import TextEncoder, VideoVAE
 from .model.transformer import STIVTransformer
 from .dtypes import WEIGHT_DTYPES
+from .training.cache import check_cache_source
 from .training.config import ConfigError, TrainConfig, load_config
 from .training.encoders import build_encoders
 from .training.ema import EMA

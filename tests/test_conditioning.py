@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from stiv_core.conditioning import FrameReplacementPlan, MicroConditions, Task, given_frames
-from stiv_core.model.transformer import MICRO_CONDITIONS
+from stiv_core.config import MICRO_CONDITIONS
 
 
 def latents(b=2, c=3, t=8, seed=0):

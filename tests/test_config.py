@@ -5,7 +5,8 @@ import dataclasses
 
 import pytest
 
-from stiv_core.config import PRESETS, STIVConfig, count_parameters, preset
+from stiv_core.config import PRESETS, STIVConfig, preset
+from stiv_core.model.sizes import count_parameters
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))

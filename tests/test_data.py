@@ -12,7 +12,7 @@ from stiv_core.data.loader import PositionSampler, build_dataset, build_loader
 from stiv_core.data.sample import SampleKey, VideoSample, collate
 from stiv_core.data.squares import MovingSquares
 from stiv_core.data.transforms import plan_crop
-from stiv_core.training.config import DataConfig, DataKind
+from stiv_core.data.config import DataConfig, DataKind
 
 
 def write_video(path, frames, height=24, width=32):

@@ -15,7 +15,7 @@ from stiv_core.data.folders import ImageFolder, VideoFolder
 from stiv_core.data.loader import (CHOICE_BLOCK, BucketGroup, PositionSampler, build_loader, group_by_aspect,
                                    plan_groups)
 from stiv_core.data.sample import SampleKey
-from stiv_core.training.config import DataConfig, DataKind
+from stiv_core.data.config import DataConfig, DataKind
 
 LANDSCAPE, PORTRAIT = (24, 40), (40, 24)  # (H, W) of the clips
 WIDE = ((2, 16, 32), (4, 16, 32))         # two frame counts of one aspect

@@ -4,12 +4,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from stiv_core.data.cache import CachedDataset, main as cache_main
+from stiv_core.data.cache import CachedDataset
 from stiv_core.data.loader import build_dataset
 from stiv_core.data.sample import SampleKey
 from stiv_core.data.squares import MovingSquares
-from stiv_core.data.stand_ins import HashedTextEncoder
+from stiv_core.encoders.hashed import HashedTextEncoder
 from stiv_core.train import train
+from stiv_core.training.cache import main as cache_main
 from stiv_core.training.config import load_config
 
 CONFIG = str(Path(__file__).resolve().parents[1] / "stiv_core" / "configs" / "tiny.toml")

@@ -15,8 +15,9 @@ from torch import nn
 from stiv_core.checkpoint import CheckpointError, save_model
 from stiv_core.memory import bnb as bnb_mod
 from stiv_core.memory.quant import (FP8Format, FP8Linear, QuantConfig, QuantMode, ScaleGranularity,
-                                    dequantize_fp8, fp8_format_for, quantize_blocks, quantize_fp8, tensor_bytes)
+                                    dequantize_fp8, fp8_format_for, quantize_blocks, quantize_fp8)
 from stiv_core.memory.quant_io import load_quantized, save_quantized, stored_quantization
+from stiv_core.model.sizes import tensor_bytes
 
 E4, E5 = FP8Format.E4M3FN, FP8Format.E5M2
 # Relative L2 error of the tiny model's output against float32, per mode (stated in README "Low VRAM").

@@ -10,8 +10,9 @@ import torch
 
 from stiv_core.checkpoint import save_state_dict
 from stiv_core.config import STIVConfig, preset
-from stiv_core.training.config import (ConfigError, DataKind, InitKind, OptimizerKind, TrainConfig,
-                                       build_config, load_config, valid_keys)
+from stiv_core.data.config import DataKind
+from stiv_core.training.config import (ConfigError, InitKind, OptimizerKind, TrainConfig, build_config,
+                                       load_config, valid_keys)
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "stiv_core" / "configs").glob("*.toml"))

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from stiv_core.config import preset
-from stiv_core.data.stand_ins import HashedTextEncoder
+from stiv_core.encoders.hashed import HashedTextEncoder
 from stiv_core.model.transformer import STIVTransformer
 from stiv_core.training.config import RecipeConfig
 from stiv_core.conditioning import FrameReplacementPlan, Task

@@ -1,18 +1,15 @@
 """Pre-encoded latents and text embeddings in safetensors shards, so training decodes no video.
 
-    python -m stiv_core.data.cache --config FILE [key=value ...]
+`write_shards` encodes every entry of a dataset once, at one bucket, with the text encoder and VAE it is
+given, into `shard_00000.safetensors`, ... (written aside and swapped in, so a rerun replaces the whole
+cache); each shard records `source`, what its latents and text depend on. `CachedDataset` reads them.
+The job that writes a trainer config's cache with the trainer's encoders, and the check that a run reads
+only a cache written for its settings, are the training layer's (`training/cache.py`):
 
-encodes every entry of the config's dataset once (first bucket, centre crop, the first frame stride)
-with the trainer's VAE and text encoder, and writes `shard_00000.safetensors`, ... to
-`data.cache_dir` (written aside and swapped in, so a rerun replaces the whole cache). Training reads them
-instead of the dataset whenever that folder holds shards (or with `data.kind = "cache"` and `data.path` =
-the folder), and refuses a cache written for other encoders or another bucket (each shard records them).
-Skipped files are listed in the log.
+    python -m stiv_core.training.cache --config FILE [key=value ...]   (or python -m stiv_core.data.cache)
 """
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import json
 import logging
 import shutil
@@ -25,7 +22,7 @@ from safetensors import safe_open
 from torch.utils.data import Dataset
 
 from ..checkpoint import save_state_dict
-from ..interfaces import TextEmbedding
+from ..interfaces import TextEmbedding, TextEncoder, VideoVAE
 from .sample import SampleKey
 
 log = logging.getLogger(__name__)
@@ -51,35 +48,6 @@ class CachedBatch:
     skipped: tuple[str, ...] = ()
 
 
-def cache_source(config) -> dict:
-    """What a cache's latents and text depend on, from TrainConfig `config`: recorded in every shard and
-    checked by the trainer, so a cache is never read by a run with other encoders or another shape."""
-    from ..training.encoders import word_encoder_origin
-
-    words = config.text_encoder.value == "words"
-    return {"text_encoder": config.text_encoder.value, "text_encoder_path": config.text_encoder_path,
-            "pooled_text_encoder_path": config.pooled_text_encoder_path,
-            "word_encoder": word_encoder_origin(config) if words else "",
-            "vae": config.vae.value, "vae_path": config.vae_path, "vae_config": config.vae_config,
-            "bucket": list(config.data.buckets[0]), "frame_stride": config.data.frame_strides[0],
-            "max_text_tokens": config.model.max_text_tokens}
-
-
-def check_cache_source(dataset: Dataset, config) -> None:
-    """A clear error when `dataset` is a cache written for other encoders or another shape than `config`."""
-    recorded = getattr(dataset, "source", None)
-    if recorded is None:
-        return
-    expected = cache_source(config)
-    if config.data.kind.value == "cache":   # pointed at the cache itself: its own shape is the run's
-        expected.update({k: recorded.get(k) for k in ("bucket", "frame_stride")})
-    differ = sorted(k for k in expected.keys() | recorded.keys() if recorded.get(k) != expected.get(k))
-    if differ:
-        details = "; ".join(f"{k}: cache {recorded.get(k)!r}, this run {expected.get(k)!r}" for k in differ)
-        raise ValueError(f"the latent cache in {dataset.folder} was written for other settings ({details}): "
-                         f"rewrite it (python -m stiv_core.data.cache) or point data.cache_dir elsewhere")
-
-
 def has_shards(folder: str | Path) -> bool:
     return bool(folder) and Path(folder).is_dir() and any(Path(folder).glob(SHARD_GLOB))
 
@@ -90,7 +58,7 @@ class CachedDataset(Dataset):
     def __init__(self, folder: str | Path):
         shards = sorted(Path(folder).glob(SHARD_GLOB))
         if not shards:
-            raise FileNotFoundError(f"no {SHARD_GLOB} in {folder}: run python -m stiv_core.data.cache first")
+            raise FileNotFoundError(f"no {SHARD_GLOB} in {folder}: run python -m stiv_core.training.cache first")
         self.folder = Path(folder)
         self.samples: list[CachedSample] = []
         sources = set()
@@ -125,23 +93,17 @@ class CachedDataset(Dataset):
         return CachedBatch(stack("latents"), text, stack("micro"), tuple(s.caption for s in samples))
 
 
-def write_cache(config, out_dir: str | Path, *, shard_size: int = 256) -> list[Path]:
-    """Encode the dataset of TrainConfig `config` into shards in `out_dir`; returns the shard paths."""
-    from ..training.encoders import build_encoders
-    from .loader import build_dataset
-
-    data_config = dataclasses.replace(config.data, random_crop=False, cache_dir="",
-                                      frame_strides=config.data.frame_strides[:1])   # the stride it records
-    dataset = build_dataset(data_config)
-    text_encoder, vae = build_encoders(config)
-    bucket = data_config.buckets[0]
+def write_shards(dataset: Dataset, bucket: tuple[int, int, int], out_dir: str | Path, *, text_encoder: TextEncoder,
+                 vae: VideoVAE, max_tokens: int, source: dict, shard_size: int = 256) -> list[Path]:
+    """Encode every entry of `dataset` at `bucket` into shards in `out_dir` (text fitted to `max_tokens`
+    tokens, `source` recorded in each shard); returns the shard paths. Unreadable files are skipped."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     # written aside, then swapped in: a crash leaves the old cache whole, a rerun leaves no stale shard
     staging = out_dir / ".writing"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
-    source = json.dumps(cache_source(config))
+    source_json = json.dumps(source)
     rows, paths, skipped = [], [], set()
     for index in range(len(dataset)):
         sample = _load_exactly(dataset, SampleKey(index, bucket, seed=index))
@@ -150,13 +112,13 @@ def write_cache(config, out_dir: str | Path, *, shard_size: int = 256) -> list[P
             continue
         with torch.no_grad():
             latents = vae.encode(sample.pixels[None]).float()[0]
-            text = text_encoder.encode([sample.caption]).fit(config.model.max_text_tokens)
+            text = text_encoder.encode([sample.caption]).fit(max_tokens)
         rows.append((latents, text, sample.micro.tensor(1)[0], sample.caption))
         if len(rows) == shard_size:
-            paths.append(_write_shard(staging, len(paths), rows, source))
+            paths.append(_write_shard(staging, len(paths), rows, source_json))
             rows = []
     if rows:
-        paths.append(_write_shard(staging, len(paths), rows, source))
+        paths.append(_write_shard(staging, len(paths), rows, source_json))
     for old in out_dir.glob(SHARD_GLOB):
         old.unlink()
     paths = [path.replace(out_dir / path.name) for path in paths]
@@ -189,22 +151,7 @@ def _write_shard(out_dir: Path, number: int, rows, source: str) -> Path:
     return path
 
 
-def main(argv: Sequence[str] | None = None) -> list[Path]:
-    from ..training.config import load_config
+if __name__ == "__main__":  # the command is the training layer's now (it needs the trainer's config)
+    from ..training.cache import main
 
-    parser = argparse.ArgumentParser(description="Pre-encode a STIV training set to safetensors shards.")
-    parser.add_argument("--config", required=True)
-    parser.add_argument("--shard-size", type=int, default=256)
-    parser.add_argument("overrides", nargs="*")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO)
-    config = load_config(args.config, args.overrides)
-    if not config.data.cache_dir:
-        parser.error("set data.cache_dir (the folder the shards go to)")
-    paths = write_cache(config, config.data.cache_dir, shard_size=args.shard_size)
-    log.info("wrote %d shards to %s", len(paths), config.data.cache_dir)
-    return paths
-
-
-if __name__ == "__main__":
     main()

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from ..training.config import DataConfig, DataKind
+from .config import DataConfig, DataKind
 from .sample import SampleKey, collate
 
 log = logging.getLogger(__name__)

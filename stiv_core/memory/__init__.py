@@ -2,6 +2,7 @@
 with prefetch (hooks), the memory planner, `apply_memory_options`, the one entry point used by the
 CLI, the Loader node and the trainer, and `plan_run`, the one place a run is judged to fit or not.
 """
+from . import bnb  # noqa: F401  (registers the int8 / nf4 Linears with quant.py; bitsandbytes loads only when used)
 from .options import (MemoryHandle, MemoryOptions, RunPlan, WontFitError, apply_memory_options, compile_blocks,
                       plan_run)
 from .planner import PIXEL_VAE, Budget, MemoryPlan, RunShape, VAEProfile, plan_memory

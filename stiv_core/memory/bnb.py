@@ -5,7 +5,8 @@ bitsandbytes' own `Linear8bitLt` / `Linear4bit` keep their quantization state in
 loader does not see. These modules store the same data as registered buffers and call bitsandbytes'
 functional ops, so block swap, `state_dict` and quantized checkpoints work unchanged.
 
-bitsandbytes is imported only here and only when int8/nf4 is chosen; `bnb_unusable(device)` says
+Importing this module registers the int8 / nf4 factories with `quant.py` (`memory/__init__.py` does);
+bitsandbytes itself is imported only here and only when int8/nf4 is chosen; `bnb_unusable(device)` says
 why it cannot serve a device (not installed, no backend for the device), for a clear message or a
 logged fallback.
 """
@@ -13,13 +14,13 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .quant import QuantConfig, QuantMode
+from .quant import LinearFactory, QuantConfig, QuantizedLinear, QuantMode, register_linear_factory
 
 
 class BitsAndBytesUnavailable(RuntimeError):
@@ -66,7 +67,7 @@ def require_bnb(device: torch.device | str) -> None:
 FP16_SAFE = 16384.0   # largest row absmax handed to bitsandbytes' float16 quantizer (float16 max is 65504)
 
 
-class Int8Linear(nn.Module):
+class Int8Linear(QuantizedLinear):
     """LLM.int8-style Linear: int8 weight with one float32 absmax scale per output row.
 
     The activations are quantized row-wise on the fly and multiplied in int8 by bitsandbytes.
@@ -74,12 +75,9 @@ class Int8Linear(nn.Module):
 
     def __init__(self, in_features: int, out_features: int, *, bias: bool, bias_dtype: torch.dtype,
                  device: torch.device | str | None = None):
-        super().__init__()
-        self.in_features, self.out_features = in_features, out_features
+        super().__init__(in_features, out_features, bias=bias, bias_dtype=bias_dtype, device=device)
         self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
         self.register_buffer("weight_scale", torch.empty(out_features, device=device))  # row absmax
-        self.bias = nn.Parameter(torch.empty(out_features, dtype=bias_dtype, device=device),
-                                 requires_grad=False) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         import bitsandbytes.functional as bf
@@ -100,21 +98,19 @@ class Int8Linear(nn.Module):
         return f"{self.in_features}, {self.out_features}, int8 row-wise"
 
 
-class NF4Linear(nn.Module):
+class NF4Linear(QuantizedLinear):
     """4-bit NormalFloat Linear: two weights per byte, one float32 absmax per `block_size` weights."""
 
     def __init__(self, in_features: int, out_features: int, *, bias: bool, bias_dtype: torch.dtype,
                  block_size: int = 64, device: torch.device | str | None = None):
-        super().__init__()
         numel = in_features * out_features
         if numel % block_size or numel % 2:
             raise ValueError(f"nf4 needs in*out divisible by block_size {block_size}, got {numel}")
-        self.in_features, self.out_features, self.block_size = in_features, out_features, block_size
+        super().__init__(in_features, out_features, bias=bias, bias_dtype=bias_dtype, device=device)
+        self.block_size = block_size
         self.register_buffer("weight", torch.empty(numel // 2, 1, dtype=torch.uint8, device=device))
         self.register_buffer("weight_absmax", torch.empty(numel // block_size, device=device))
         self.register_buffer("weight_code", torch.empty(16, device=device))  # the 16 nf4 levels
-        self.bias = nn.Parameter(torch.empty(out_features, dtype=bias_dtype, device=device),
-                                 requires_grad=False) if bias else None
 
     def quant_state(self, dtype: torch.dtype):
         from bitsandbytes.functional import QuantState
@@ -140,17 +136,18 @@ class NF4Linear(nn.Module):
         return f"{self.in_features}, {self.out_features}, nf4 blocks of {self.block_size}"
 
 
-def bnb_factory(config: QuantConfig) -> Callable[[nn.Linear], nn.Module]:
+@register_linear_factory(QuantMode.INT8, QuantMode.NF4)
+def bnb_factory(config: QuantConfig) -> LinearFactory:
     """Builds Int8Linear / NF4Linear from an `nn.Linear` (quantized on the Linear's device).
 
     On the meta device (planning, loading a quantized file) bitsandbytes is not needed.
     """
 
-    def build(linear: nn.Linear) -> nn.Module:
+    def build(linear: nn.Linear) -> QuantizedLinear:
         out_f, in_f = linear.weight.shape
         kw = dict(bias=linear.bias is not None, bias_dtype=linear.weight.dtype, device=linear.weight.device)
         if config.mode is QuantMode.INT8:
-            module: nn.Module = Int8Linear(in_f, out_f, **kw)
+            module: QuantizedLinear = Int8Linear(in_f, out_f, **kw)
         else:
             module = NF4Linear(in_f, out_f, block_size=config.block_size, **kw)
         if linear.weight.is_meta:

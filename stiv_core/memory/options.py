@@ -19,7 +19,8 @@ from ..model.attention import AttentionBackend, available_backends
 from .bnb import bnb_unusable
 from ..config import STIVConfig
 from .planner import Budget, MemoryPlan, RunShape, VAEProfile, plan_memory
-from .quant import QuantConfig, QuantMode, QuantReport, ScaleGranularity, fp8_format_for, quantize_blocks, tensor_bytes
+from ..model.sizes import tensor_bytes
+from .quant import QuantConfig, QuantMode, QuantReport, ScaleGranularity, fp8_format_for, quantize_blocks
 from .swap import BlockSwapper
 
 log = logging.getLogger(__name__)

@@ -21,8 +21,9 @@ import torch
 
 from ..config import STIVConfig
 from ..model.attention import AttentionBackend
+from ..model.sizes import meta_model, tensor_bytes
 from . import ram as host
-from .quant import QuantConfig, quantize_blocks, tensor_bytes
+from .quant import QuantConfig, quantize_blocks
 
 MiB, GiB = 2 ** 20, 2 ** 30
 CUDA_WORKSPACE = 512 * MiB   # cuBLAS workspaces, allocator fragmentation, kernels' scratch
@@ -142,10 +143,7 @@ class ModelSizes:
 
     @classmethod
     def of(cls, config: STIVConfig, quant: QuantConfig, dtype: torch.dtype) -> ModelSizes:
-        from ..model.transformer import STIVTransformer
-
-        with torch.device("meta"):
-            model = STIVTransformer(config).to(dtype)
+        model = meta_model(config, dtype)
         quantize_blocks(model, quant)
         blocks = model.all_blocks()
         block = tensor_bytes(blocks[0])

@@ -10,6 +10,7 @@ a registered buffer or parameter, so block swap, `state_dict` and safetensors se
 Formats (`QuantMode`): `fp8` plain fp8 storage (ComfyUI's "fp8_e4m3fn weight dtype"), `fp8-scaled`
 fp8 with per-channel or per-block float32 scales, `int8` and `nf4` through bitsandbytes
 (see `bnb.py`). fp8 is e4m3fn, or e5m2 on CUDA GPUs below compute capability 8.9 (see `fp8_format_for`).
+Every replacement is a `QuantizedLinear`; each format registers its factory in `LINEAR_FACTORIES`.
 """
 from __future__ import annotations
 
@@ -137,19 +138,47 @@ def _check_block(in_features: int, block_size: int) -> None:
                          f"{in_features} % {block_size} != 0 (use per-channel scales or another block size)")
 
 
-class FP8Linear(nn.Module):
+class QuantizedLinear(nn.Module):
+    """The base of every quantized Linear: `in_features`, `out_features`, an optional frozen bias in the
+    replaced Linear's dtype, and the weight in registered buffers that are all quantized storage
+    (`quantized_buffer_names`: never cast on load). Subclasses register their buffers and `forward`."""
+
+    def __init__(self, in_features: int, out_features: int, *, bias: bool, bias_dtype: torch.dtype,
+                 device: torch.device | str | None = None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.bias = nn.Parameter(torch.empty(out_features, dtype=bias_dtype, device=device),
+                                 requires_grad=False) if bias else None
+
+
+LinearFactory = Callable[[nn.Linear], QuantizedLinear]
+# QuantMode -> (QuantConfig -> the function turning one nn.Linear into its replacement). fp8 registers
+# below; int8 / nf4 register when `bnb.py` is imported, which `memory/__init__.py` does (without
+# importing bitsandbytes itself), so every import of stiv_core.memory sees every format.
+LINEAR_FACTORIES: dict[QuantMode, Callable[[QuantConfig], LinearFactory]] = {}
+
+
+def register_linear_factory(*modes: QuantMode):
+    """Decorator: `factory(config)` builds the quantized Linears of `modes`."""
+    def register(factory: Callable[[QuantConfig], LinearFactory]) -> Callable[[QuantConfig], LinearFactory]:
+        for mode in modes:
+            LINEAR_FACTORIES[QuantMode(mode)] = factory
+        return factory
+
+    return register
+
+
+class FP8Linear(QuantizedLinear):
     """Linear with an fp8 weight buffer (and optional float32 scales), dequantized in `forward`."""
 
     def __init__(self, in_features: int, out_features: int, *, bias: bool, fmt: FP8Format,
                  scale_groups: Optional[int], bias_dtype: torch.dtype = torch.float32,
                  device: torch.device | str | None = None):
-        super().__init__()
-        self.in_features, self.out_features, self.fmt = in_features, out_features, fmt
+        super().__init__(in_features, out_features, bias=bias, bias_dtype=bias_dtype, device=device)
+        self.fmt = fmt
         self.register_buffer("weight", torch.empty(out_features, in_features, dtype=fmt.dtype, device=device))
         scale = None if scale_groups is None else torch.empty(out_features, scale_groups, device=device)
         self.register_buffer("weight_scale", scale)
-        self.bias = nn.Parameter(torch.empty(out_features, dtype=bias_dtype, device=device),
-                                 requires_grad=False) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = dequantize_fp8(self.weight, self.weight_scale, x.dtype)
@@ -170,10 +199,13 @@ class QuantReport:
     notes: list[str] = field(default_factory=list)
 
 
-def _fp8_factory(config: QuantConfig) -> Callable[[nn.Linear], nn.Module]:
+@register_linear_factory(QuantMode.FP8, QuantMode.FP8_SCALED)
+def fp8_factory(config: QuantConfig) -> LinearFactory:
+    if config.fp8_format is None:
+        raise ValueError("resolve the fp8 format first (QuantConfig.fp8_format, see fp8_format_for)")
     granularity = None if config.mode is QuantMode.FP8 else config.granularity
 
-    def build(linear: nn.Linear) -> nn.Module:
+    def build(linear: nn.Linear) -> QuantizedLinear:
         out_f, in_f = linear.weight.shape
         groups = None if granularity is None else (
             in_f // config.block_size if granularity is ScaleGranularity.BLOCK else 1)
@@ -194,30 +226,24 @@ def _fp8_factory(config: QuantConfig) -> Callable[[nn.Linear], nn.Module]:
     return build
 
 
-def linear_factory(config: QuantConfig) -> Callable[[nn.Linear], nn.Module]:
+def linear_factory(config: QuantConfig) -> LinearFactory:
     """The function that turns one `nn.Linear` into its quantized replacement for `config`."""
-    if config.mode in (QuantMode.FP8, QuantMode.FP8_SCALED):
-        if config.fp8_format is None:
-            raise ValueError("resolve the fp8 format first (QuantConfig.fp8_format, see fp8_format_for)")
-        return _fp8_factory(config)
-    if config.mode in (QuantMode.INT8, QuantMode.NF4):
-        from .bnb import bnb_factory  # bitsandbytes is imported only when chosen
-
-        return bnb_factory(config)
-    raise ValueError(f"no quantized Linear for mode {config.mode.value!r}")
+    factory = LINEAR_FACTORIES.get(config.mode)
+    if factory is None:
+        raise ValueError(f"no quantized Linear for mode {config.mode.value!r}")
+    return factory(config)
 
 
 @torch.no_grad()
 def quantize_blocks(model: nn.Module, config: QuantConfig) -> QuantReport:
-    """Replace every Linear inside `model.blocks` and `model.extra_blocks` (in place, before sampling).
+    """Replace every Linear inside the model's blocks (`named_blocks()`) in place, before sampling.
 
     Works on the meta device too (modules of the right shapes, for loading a quantized checkpoint).
     Layers whose shape the format cannot take are kept in high precision and listed in the report.
     """
     report = QuantReport(config)
-    for prefix, blocks in (("blocks", model.blocks), ("extra_blocks", model.extra_blocks)):
-        for i, block in enumerate(blocks):
-            quantize_module(block, config, report, prefix=f"{prefix}.{i}")
+    for prefix, block in model.named_blocks():
+        quantize_module(block, config, report, prefix=prefix)
     if report.kept:
         log.warning("%d Linear layers kept in high precision: %s", len(report.kept), report.kept[:3])
     return report
@@ -242,14 +268,6 @@ def quantize_module(module: nn.Module, config: QuantConfig, report: QuantReport,
 
 def quantized_buffer_names(model: nn.Module) -> set[str]:
     """State-dict keys of quantized storage (fp8/int8/nf4 weights, scales): never cast on load."""
-    from .bnb import Int8Linear, NF4Linear  # plain module classes; bitsandbytes itself is not imported
-
-    kinds = (FP8Linear, Int8Linear, NF4Linear)
-    return {f"{name}.{buf}" for name, mod in model.named_modules() if isinstance(mod, kinds)
+    return {f"{name}.{buf}" for name, mod in model.named_modules() if isinstance(mod, QuantizedLinear)
             for buf, _ in mod.named_buffers(recurse=False)}
 
-
-def tensor_bytes(module: nn.Module) -> int:
-    """Bytes of every parameter and buffer of `module` (meta tensors count as their would-be size)."""
-    tensors = [*module.parameters(), *module.buffers()]
-    return sum(t.numel() * t.element_size() for t in tensors)

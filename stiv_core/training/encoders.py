@@ -18,7 +18,7 @@ import torch
 
 from ..bundle import load_word_encoder
 from ..data.shapes import VOCABULARY
-from ..data.stand_ins import HashedTextEncoder
+from ..encoders.hashed import HashedTextEncoder
 from ..encoders.pixel import PixelVAE
 from ..encoders.words import WordTextEncoder
 from ..interfaces import TextEncoder, VideoVAE

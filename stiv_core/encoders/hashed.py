@@ -1,4 +1,4 @@
-"""A deterministic stand-in text encoder for tests and quick runs (the built-in one is encoders/words.py).
+"""A deterministic stand-in text encoder for tests and quick runs (the built-in one is `words.py` beside it).
 
 `HashedTextEncoder` maps each lower-cased word to a fixed pseudo-random vector (seeded by a stable
 hash of the word), so the same caption always gives the same embedding in any process, with no
