@@ -116,6 +116,7 @@ class TestBudget:
 _MEASURE = textwrap.dedent("""
     import json, sys, torch
     from stiv_core.config import STIVConfig
+    from stiv_core.interfaces import TextEmbedding
     from stiv_core.model.transformer import STIVTransformer
     torch.set_num_threads(1)
     case = json.loads(sys.argv[1])
@@ -127,8 +128,9 @@ _MEASURE = textwrap.dedent("""
                      pooled_text_dim=64, max_text_tokens=16)
     b, t, hw = case["batch"], case["frames"], case["hw"]
     g = torch.Generator().manual_seed(0)
-    inputs = (torch.randn(b, 4, t, hw, hw, generator=g), torch.rand(b), torch.randn(b, 16, 64),
-              torch.ones(b, 16, dtype=torch.bool), torch.randn(b, 64), torch.randn(b, 6))
+    inputs = (torch.randn(b, 4, t, hw, hw, generator=g), torch.rand(b),
+              TextEmbedding(torch.randn(b, 16, 64), torch.ones(b, 16, dtype=torch.bool), torch.randn(b, 64)),
+              torch.randn(b, 6))
     def build():
         with torch.device("meta"):
             model = STIVTransformer(cfg)
@@ -165,6 +167,7 @@ def test_estimate_within_20_percent_of_measured_cpu_peak(case):
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout.strip().splitlines()[-1])
     from stiv_core.config import STIVConfig
+    from stiv_core.interfaces import TextEmbedding
 
     cfg = STIVConfig(depth=case["depth"], hidden_size=case["dim"], num_heads=case["dim"] // 64, text_dim=64,
                      pooled_text_dim=64, max_text_tokens=16)
