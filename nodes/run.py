@@ -13,7 +13,8 @@ from PIL import Image
 
 from ..stiv_core.memory import (PIXEL_VAE, Budget, MemoryOptions, MemoryPlan, RunPlan, RunShape, VAEProfile,
                                 WontFitError, plan_run)
-from ..stiv_core.memory.quant import QuantConfig, tensor_bytes
+from ..stiv_core.memory.quant import QuantConfig
+from ..stiv_core.model.sizes import tensor_bytes
 from ..stiv_core.pipeline import FrameCondition, GenerationRequest, STIVPipeline
 from ..stiv_core.sampling import GenerationCancelled, GuidanceConfig, GuidanceMode, SamplerConfig, StepInfo, Stepper
 from ..stiv_core.sampling.sampler import StepCallback

@@ -175,7 +175,7 @@ def test_plan_run_is_what_apply_memory_options_decides_with(make_model):
 def test_a_probed_budget_counts_the_loaded_weights_once(make_model, monkeypatch):
     """The weights are already in the RAM the probe reads: a run needing little more than them fits."""
     from stiv_core.memory import ram
-    from stiv_core.memory.quant import tensor_bytes
+    from stiv_core.model.sizes import tensor_bytes
 
     shape = RunShape(4, 8, 8)
     model = make_model(depth=3)

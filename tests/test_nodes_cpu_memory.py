@@ -85,7 +85,7 @@ def test_the_issue_case_builtin_model_1024_frames_at_256px_is_refused_by_the_nod
 def test_the_cli_and_the_nodes_decide_the_same_at_the_boundary(comfyui, monkeypatch, tmp_path, margin, fits):
     """The same run, the same free RAM: the same verdict from the CLI's apply_memory_options and the node."""
     from stiv_core import generate
-    from stiv_core.memory.quant import tensor_bytes
+    from stiv_core.model.sizes import tensor_bytes
 
     model = load("tiny (built-in)")
     shape = run.SamplingSettings(**{**SETTINGS, "width": 32, "height": 32}).run_shape(4, 1)
