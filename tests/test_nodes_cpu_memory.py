@@ -49,7 +49,7 @@ def test_a_run_that_does_not_fit_the_free_ram_is_refused_before_it_allocates(com
     model = load()
     shape = run.SamplingSettings(**SETTINGS).run_shape(8, 1)
     peak = run.needed_bytes(model, shape)
-    weights = pack_module("stiv_core.memory.quant").tensor_bytes(model.pipeline.model)
+    weights = pack_module("stiv_core.model.sizes").tensor_bytes(model.pipeline.model)
     free_ram(monkeypatch, peak - weights - 4096)   # the weights are loaded already: short by 4 KiB
     with pytest.raises(types.STIVInputError) as err:
         sample(model, text(), frames=8)
