@@ -39,6 +39,7 @@ import torch
 
 from ..stiv_core.bundle import TrainedWith
 from ..stiv_core.config import STIVConfig
+from ..stiv_core.encoders import VAEKind
 from ..stiv_core.encoders.pixel import PixelVAE
 from ..stiv_core.interfaces import TextEmbedding, VideoVAE, masked_mean
 from ..stiv_core.pipeline import STIVPipeline
@@ -117,7 +118,7 @@ class MissingTextEncoder:
         pooled = (f"; its {t.pooled_text_dim}-wide pooled text came from a CLIP: connect that one to pooled_clip"
                   if t.pooled_from_clip else "")
         return (f"this model has no bundled text encoder: connect a CLIP to STIV Text Encode (it was trained with "
-                f"{t.text_encoder}{name}, {t.text_dim}-wide; {TEXT_WIDTHS}){pooled}")
+                f"{t.text_encoder.value}{name}, {t.text_dim}-wide; {TEXT_WIDTHS}){pooled}")
 
     def encode(self, prompts: Sequence[str]) -> TextEmbedding:
         raise ValueError(self.message)
@@ -159,7 +160,7 @@ class RecordedVAE:
     @property
     def message(self) -> str:
         t = self.trained
-        kind = f"a {t.vae_family.upper()} VAE" if t.vae_family else f"a {t.vae_kind} VAE"
+        kind = f"a {t.vae_family.upper()} VAE" if t.vae_family else f"a {t.vae_kind.value} VAE"
         return (f"this model has no bundled VAE: connect a ComfyUI VAE to vae (it was trained with {kind}, "
                 f"{t.latent_channels} latent channels, {t.spatial_factor} pixels per latent)")
 
@@ -173,7 +174,7 @@ class RecordedVAE:
 def bare_pipeline(model: Any, trained: TrainedWith) -> STIVPipeline:
     """A bare model's pipeline: the text comes from ComfyUI's CLIP, pixels from ComfyUI's VAE (pixel space
     needs none: its VAE has no weights)."""
-    vae = PixelVAE() if trained.vae_kind == "pixel" else RecordedVAE(trained)
+    vae = PixelVAE() if trained.vae_kind == VAEKind.PIXEL else RecordedVAE(trained)
     return STIVPipeline(model, MissingTextEncoder(trained), vae)
 
 

@@ -12,6 +12,7 @@ from typing import Optional
 import torch
 
 from ..stiv_core.bundle import TrainedWith, read_trained_with, resolve_model_path
+from ..stiv_core.encoders import VAEKind
 from ..stiv_core.checkpoint import CheckpointError, load_config
 from ..stiv_core.memory import PIXEL_VAE, Budget, MemoryOptions, RunShape, VAEProfile, plan_run
 from ..stiv_core.memory.options import resolve_quant
@@ -26,7 +27,7 @@ ROUTE = "/stiv/plan"
 def vae_profile(trained: Optional[TrainedWith]) -> VAEProfile:
     """The VAE a model's latents belong to: a bundle's (None) and a bare pixel-space model's is the pixel VAE;
     another bare model's is the VAE it was trained with (an SD-style estimate, at its pixels per latent)."""
-    if trained is None or trained.vae_kind == "pixel":
+    if trained is None or trained.vae_kind == VAEKind.PIXEL:
         return PIXEL_VAE
     return VAEProfile(spatial_factor=trained.spatial_factor)
 

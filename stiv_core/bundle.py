@@ -18,6 +18,7 @@ from safetensors import safe_open
 
 from .checkpoint import CheckpointError, check_safetensors, load_model, read_metadata, save_model, save_state_dict
 from .checkpoint import TEXT_ENCODER_PREFIX, metadata_record, model_metadata
+from .encoders import TextEncoderKind, VAEKind
 from .encoders.pixel import PixelVAE
 from .encoders.words import VOCAB_KEY, WordTextEncoder
 from .model.transformer import STIVTransformer
@@ -25,7 +26,7 @@ from .pipeline import STIVPipeline
 
 BUILTIN_MODELS = {"tiny": Path(__file__).resolve().parent / "weights" / "stiv_tiny.safetensors"}
 VAE_KEY, DEFAULTS_KEY, ENCODERS_KEY = "vae", "sampling_defaults", "trained_with"
-SUPPORTED_VAES = ("pixel",)
+SUPPORTED_VAES = (VAEKind.PIXEL.value,)
 # What a bundle's weights are loaded in unless a caller asks otherwise: the built-in file is stored in
 # float16 to stay small, and float16 matmuls on a CPU without native half support run several times
 # slower than float32 (6x on an AMD EPYC here; see BENCHMARKS.md).
@@ -54,17 +55,21 @@ class TrainedWith:
     `pooled_text_dim`-wide pooled vector, taken from a CLIP when `pooled_from_clip`.
     """
 
-    vae_kind: str = "pixel"
+    vae_kind: VAEKind = VAEKind.PIXEL
     latent_channels: int = 3
     spatial_factor: int = 1
     scaling_factor: float = 1.0
     shift_factor: float = 0.0
     vae_family: str = ""
-    text_encoder: str = "hf"
+    text_encoder: TextEncoderKind = TextEncoderKind.HF
     text_encoder_name: str = ""
     text_dim: int = 0
     pooled_text_dim: int = 0
     pooled_from_clip: bool = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "vae_kind", VAEKind(self.vae_kind))
+        object.__setattr__(self, "text_encoder", TextEncoderKind(self.text_encoder))
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -90,7 +95,7 @@ def save_bundle(path: str | os.PathLike, model: STIVTransformer, text_encoder: W
     cast = lambda v: v.detach().to(dtype or v.dtype).contiguous().cpu()
     state = {k: cast(v) for k, v in model.state_dict().items()}
     state.update({TEXT_ENCODER_PREFIX + k: cast(v) for k, v in text_encoder.state_dict().items()})
-    meta = {**model_metadata(model.config, metadata), VAE_KEY: "pixel", DEFAULTS_KEY: json.dumps(asdict(defaults)),
+    meta = {**model_metadata(model.config, metadata), VAE_KEY: VAEKind.PIXEL.value, DEFAULTS_KEY: json.dumps(asdict(defaults)),
             **text_encoder.metadata()}
     save_state_dict(path, state, meta)
 

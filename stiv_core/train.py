@@ -313,10 +313,10 @@ def trained_with(config: TrainConfig, text_encoder: TextEncoder, vae: VideoVAE) 
     family = config.vae_config.lower() if config.vae_config.lower() in families else ""  # not a config.json
     pooled_encoder = getattr(text_encoder, "pooled_encoder", text_encoder)  # a CombinedTextEncoder's second
     return TrainedWith(
-        vae_kind=config.vae.value, latent_channels=int(vae.latent_channels),
+        vae_kind=config.vae, latent_channels=int(vae.latent_channels),
         spatial_factor=int(vae.spatial_factor), scaling_factor=float(vae.scaling_factor),
         shift_factor=float(vae.shift_factor),
-        vae_family=family, text_encoder=config.text_encoder.value,
+        vae_family=family, text_encoder=config.text_encoder,
         text_encoder_name=Path(config.text_encoder_path).name if config.text_encoder_path else "",
         text_dim=config.model.text_dim, pooled_text_dim=config.model.pooled_text_dim,
         pooled_from_clip=bool(getattr(pooled_encoder, "is_clip", False)))

@@ -167,7 +167,6 @@ def test_estimate_within_20_percent_of_measured_cpu_peak(case):
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout.strip().splitlines()[-1])
     from stiv_core.config import STIVConfig
-    from stiv_core.interfaces import TextEmbedding
 
     cfg = STIVConfig(depth=case["depth"], hidden_size=case["dim"], num_heads=case["dim"] // 64, text_dim=64,
                      pooled_text_dim=64, max_text_tokens=16)

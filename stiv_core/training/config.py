@@ -25,6 +25,7 @@ from ..conditioning import Task
 from ..config import STIVConfig, preset
 from ..data.config import ConfigError, DataConfig, coerce_enum as _coerce_enum, need as _need
 from ..dtypes import WEIGHT_DTYPES
+from ..encoders import TextEncoderKind, VAEKind
 
 
 class OptimizerKind(str, enum.Enum):
@@ -37,17 +38,6 @@ class MixedPrecision(str, enum.Enum):
     NO = "no"
     BF16 = "bf16"
     FP16 = "fp16"
-
-
-class TextEncoderKind(str, enum.Enum):
-    HASHED = "hashed"  # a fixed random vector per word, no position (tests, stand-ins)
-    WORDS = "words"    # the built-in word-level encoder (with positions), shipped in the model bundle
-    HF = "hf"          # T5 / CLIP / any Hugging Face encoder from text_encoder_path (local, offline)
-
-
-class VAEKind(str, enum.Enum):
-    PIXEL = "pixel"          # pixel space: an exact identity (the built-in model)
-    DIFFUSERS = "diffusers"  # an AutoencoderKL (SD, SDXL, ...) from vae_path (local, offline)
 
 
 class InitKind(str, enum.Enum):

@@ -27,6 +27,7 @@ def trained_frames(task: Task, num_frames: int, recipe: RecipeConfig) -> list[in
     recipe's k and S; never all of them (something must be generated): a 1-frame clip (T2I) gives none,
     prediction at most T - 1 frames, interpolation of 2 frames only the first, keyframes that would cover
     every frame only the first."""
+    task = Task(task)
     if task is Task.T2V or num_frames == 1:
         return []
     if task is Task.PREDICTION:
