@@ -1,38 +1,13 @@
 """Tiny random stand-ins for the pipeline's text encoder and VAE (they follow stiv_core.interfaces)."""
 from __future__ import annotations
 
-import zlib
-
 import torch
 import torch.nn.functional as F
 
 from stiv_core.config import preset
-from stiv_core.interfaces import TextEmbedding
+from stiv_core.encoders.hashed import HashedTextEncoder
 from stiv_core.model.transformer import STIVTransformer
 from stiv_core.pipeline import STIVPipeline
-
-
-class HashTextEncoder:
-    """One fixed random vector per word (hashed); pooled = mean of the word vectors."""
-
-    def __init__(self, dim: int = 32, seed: int = 0):
-        self.dim = self.pooled_dim = dim
-        self.seed = seed
-
-    def _word(self, word: str) -> torch.Tensor:
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + zlib.crc32(word.encode()))
-        return torch.randn(self.dim, generator=g)
-
-    def encode(self, prompts: list[str]) -> TextEmbedding:
-        words = [p.split() or [""] for p in prompts]
-        length = max(len(w) for w in words)
-        tokens = torch.zeros(len(prompts), length, self.dim)
-        mask = torch.zeros(len(prompts), length, dtype=torch.bool)
-        for i, ws in enumerate(words):
-            for j, w in enumerate(ws):
-                tokens[i, j], mask[i, j] = self._word(w), True
-        pooled = (tokens * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
-        return TextEmbedding(tokens, mask, pooled)
 
 
 class LinearVAE:
@@ -70,7 +45,7 @@ def randomize(model: torch.nn.Module, seed: int = 0, std: float = 0.05) -> torch
 
 
 def tiny_pipeline(*, temporal_patch: int = 2, prediction: str = "velocity", seed: int = 0) -> STIVPipeline:
-    text, vae = HashTextEncoder(32), LinearVAE()
+    text, vae = HashedTextEncoder(32, max_tokens=None), LinearVAE()
     config = preset("tiny", depth=2, hidden_size=64, num_heads=4, latent_channels=vae.latent_channels,
                     patch_size=2, temporal_patch=temporal_patch, text_dim=text.dim,
                     pooled_text_dim=text.pooled_dim, max_text_tokens=8, prediction=prediction)
@@ -94,14 +69,14 @@ class ScaledLinearVAE(LinearVAE):
 # -- ComfyUI's CLIP and VAE objects (comfy/sd.py, Comfy-Org/ComfyUI a125cd8), as the STIV nodes call them --
 class ComfyCLIPStandIn:
     """`CLIP.tokenize(text)` and `CLIP.encode_from_tokens(tokens, return_pooled, return_dict)`: each word is
-    HashTextEncoder's vector. T5-like by default (no pooled output, no padding); `pooled=True` gives a
+    HashedTextEncoder's vector. T5-like by default (no pooled output, no padding); `pooled=True` gives a
     CLIP-like pooled output: the last word, twice that when the encoder projects it by default
     (`projected=True`, as ComfyUI's CLIP-G) unless asked for "unprojected"; `pad_to` pads with zero
     "<pad>" tokens, which `attention_mask=True` reports as in ComfyUI's masked encoders."""
 
     def __init__(self, dim: int = 32, *, seed: int = 0, pooled: bool = False, pooled_dim: int | None = None,
                  projected: bool = False, pad_to: int = 0, attention_mask: bool = False):
-        self.words = HashTextEncoder(dim, seed)
+        self.words = HashedTextEncoder(dim, max_tokens=None, seed=seed)
         self.pooled, self.pooled_dim, self.projected = pooled, pooled_dim or dim, projected
         self.pad_to, self.attention_mask = pad_to, attention_mask
         self.calls: list = []
@@ -114,7 +89,7 @@ class ComfyCLIPStandIn:
         self.calls.append(return_pooled)
         words = [w for w, _ in tokens["t5xxl"][0]]
         real = torch.tensor([w != "<pad>" for w in words])
-        cond = torch.stack([self.words._word(w) if w != "<pad>" else torch.zeros(self.words.dim) for w in words])[None]
+        cond = torch.stack([self.words.word_vector(w) if w != "<pad>" else torch.zeros(self.words.dim) for w in words])[None]
         pooled = None
         if self.pooled:
             pooled = cond[:, int(real.nonzero().max()), : self.pooled_dim]

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from stiv_core.bundle import SamplingDefaults
-from tests.fakes import (ComfyCLIPStandIn, ComfyPixelSpaceVAEStandIn, ComfyVAEStandIn, HashTextEncoder,
+from stiv_core.encoders.hashed import HashedTextEncoder
+from tests.fakes import (ComfyCLIPStandIn, ComfyPixelSpaceVAEStandIn, ComfyVAEStandIn,
                          ScaledLinearVAE, randomize)
 from tests.test_nodes import SETTINGS, images, load, node, sample
 from tests.test_nodes_common import pack_module, write_small_bundle
@@ -27,7 +28,7 @@ def model():
         "tiny", depth=2, hidden_size=64, num_heads=4, latent_channels=12, patch_size=2, temporal_patch=2,
         text_dim=32, pooled_text_dim=32, max_text_tokens=8)
     transformer = randomize(pack_module("stiv_core.model.transformer").STIVTransformer(config)).eval()
-    pipeline = pack_module("stiv_core.pipeline").STIVPipeline(transformer, HashTextEncoder(32),
+    pipeline = pack_module("stiv_core.pipeline").STIVPipeline(transformer, HashedTextEncoder(32, max_tokens=None),
                                                               ScaledLinearVAE(scaling_factor=0.5, shift_factor=0.25))
     return types.STIVModel(pipeline, SamplingDefaults(), "fake")
 
@@ -65,7 +66,7 @@ def test_the_optional_inputs_are_declared_with_comfyui_types():
 
 # -- text ---------------------------------------------------------------------------------------
 def test_a_t5_like_clip_gives_the_masked_token_mean_as_pooled_text():
-    own = HashTextEncoder(32).encode([PROMPT])
+    own = HashedTextEncoder(32, max_tokens=None).encode([PROMPT])
     t5 = ComfyCLIPStandIn(32)
     got = adapters.clip_text_embedding(t5, PROMPT)
     torch.testing.assert_close(got.tokens, own.tokens)
