@@ -13,6 +13,7 @@ import torch
 from stiv_core.config import STIVConfig
 from stiv_core.interfaces import TextEmbedding
 from stiv_core.model.transformer import STIVTransformer
+from tests.fakes import randomize
 
 # head_dim 16 (divisible by 4 for 2D RoPE); text_dim != hidden_size != pooled_text_dim on purpose,
 # so a projection that forgets to map text width to model width fails loudly.
@@ -23,15 +24,6 @@ TINY = STIVConfig(name="test-tiny", depth=2, hidden_size=32, num_heads=2, latent
 @pytest.fixture
 def tiny_config() -> STIVConfig:
     return TINY
-
-
-def randomize_(model: torch.nn.Module, seed: int = 0, std: float = 0.1) -> torch.nn.Module:
-    """Add seeded Gaussian noise to every parameter (in place), so no gate or output is zero."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(std * torch.randn(p.shape, generator=g, dtype=torch.float64).to(p.dtype))
-    return model
 
 
 @pytest.fixture
@@ -45,7 +37,7 @@ def make_model():
               **changes: Any) -> STIVTransformer:
         torch.manual_seed(seed)
         model = STIVTransformer(config.replace(**changes) if changes else config)
-        return randomize_(model, seed).to(dtype).eval().requires_grad_(False)
+        return randomize(model, seed, std=0.1).to(dtype).eval().requires_grad_(False)
 
     return build
 

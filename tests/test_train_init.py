@@ -4,6 +4,7 @@ import torch
 
 from stiv_core.checkpoint import CheckpointError, save_model
 from stiv_core.config import preset
+from stiv_core.interfaces import TextEmbedding
 from stiv_core.model.transformer import STIVTransformer
 from stiv_core.training.config import InitConfig, InitKind
 from stiv_core.training.init import initialize, rope_scale_for
@@ -25,8 +26,8 @@ def inputs(frames, b=2, size=16):
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(b, 3, 1, size, size, generator=gen, dtype=torch.float64).expand(-1, -1, frames, -1, -1)
     text = torch.randn(b, 5, 16, generator=gen, dtype=torch.float64)
-    return (x, torch.tensor([0.3, 0.8], dtype=torch.float64), text, torch.ones(b, 5, dtype=torch.bool),
-            torch.randn(b, 16, generator=gen, dtype=torch.float64), torch.ones(b, 6, dtype=torch.float64))
+    text = TextEmbedding(text, torch.ones(b, 5, dtype=torch.bool), torch.randn(b, 16, generator=gen, dtype=torch.float64))
+    return x, torch.tensor([0.3, 0.8], dtype=torch.float64), text, torch.ones(b, 6, dtype=torch.float64)
 
 
 @pytest.mark.parametrize("temporal_patch, frames", [(1, 1), (2, 2), (2, 4)])
