@@ -140,3 +140,8 @@ class ComfyPixelSpaceVAEStandIn(ComfyVAEStandIn):
     def decode(self, samples_in, vae_options={}):
         self.calls.append(("decode", samples_in.shape[0]))
         return ((samples_in + 1) / 2).clamp(0, 1).movedim(1, -1)
+
+
+# A 1-block trainer config on 4-frame 16x16 clips (key=value overrides of the trainer's defaults).
+TINY_TRAINING = ["model.depth=1", "model.hidden_size=32", "model.num_heads=2", "model.text_dim=16",
+                 "model.pooled_text_dim=16", "model.max_text_tokens=8", "data.buckets=[[4, 16, 16]]", "batch_size=4"]

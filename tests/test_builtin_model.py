@@ -11,7 +11,8 @@ from stiv_core.evaluate import BenchConfig, PipelineModel, heldout_prompts, run_
 from stiv_core.sampling import GuidanceConfig, SamplerConfig
 
 PROMPTS = 8
-pytestmark = pytest.mark.skipif(not BUILTIN_MODELS["tiny"].is_file(), reason="the built-in weights are not in this checkout")
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(not BUILTIN_MODELS["tiny"].is_file(), reason="the built-in weights are not in this checkout")]
 
 
 @pytest.fixture(scope="module")

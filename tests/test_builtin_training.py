@@ -13,6 +13,8 @@ from stiv_core.train import train
 from stiv_core.training.encoders import build_encoders
 from stiv_core.training.config import load_config
 
+pytestmark = pytest.mark.slow  # subprocesses / real training runs (CI runs them; -m 'not slow' skips)
+
 CONFIG = str(Path(__file__).resolve().parents[1] / "stiv_core" / "configs" / "tiny.toml")
 
 

@@ -27,10 +27,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.test_nodes_common import MODEL_FILE, ROOT, write_small_bundle
+from tests.pack import MODEL_FILE, ROOT, write_small_bundle
+
 
 COMFYUI_DIR = os.environ.get("COMFYUI_DIR")
-pytestmark = [pytest.mark.comfyui,
+pytestmark = [pytest.mark.comfyui, pytest.mark.slow,
               pytest.mark.skipif(not COMFYUI_DIR or not (Path(COMFYUI_DIR) / "main.py").is_file(),
                                  reason="set COMFYUI_DIR to a ComfyUI checkout to run the real-ComfyUI tests")]
 PACK_DIR = "ComfyUI-STIV"
@@ -86,7 +87,6 @@ def prepare_base(base: Path, pack_dirs: tuple[str, ...]) -> str | None:
         return None
     write_small_bundle(base / "models" / "stiv")
     return MODEL_FILE
-
 
 
 def stop(proc: subprocess.Popen) -> None:

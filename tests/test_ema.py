@@ -71,6 +71,7 @@ def test_full_state_round_trip_and_mismatch_errors():
         ema.load_full_state_dict({**saved, "row": torch.zeros(2, 5)})
 
 
+@pytest.mark.slow  # a subprocess
 def test_sharded_ema_averages_local_shards_and_gathers_the_full_formula():
     """Two processes over gloo, the Net sharded with FSDP2's fully_shard (the __main__ below)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", __file__]

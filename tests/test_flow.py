@@ -92,7 +92,6 @@ def test_shift_keeps_endpoints_and_moves_time_toward_noise():
             flow.shift_time(t, bad)
 
 
-
 def test_time_sampling_is_seeded_logit_normal():
     a = flow.sample_time(20000, generator=torch.Generator().manual_seed(0))
     b = flow.sample_time(20000, generator=torch.Generator().manual_seed(0))

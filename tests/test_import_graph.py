@@ -176,3 +176,15 @@ def test_data_does_not_import_training():
 def test_config_is_a_leaf():
     edges = import_graph()[f"{PACKAGE}.config"]
     assert edges == set(), f"stiv_core/config.py imports {sorted(edges)}"
+
+
+def test_no_test_module_imports_another():
+    """Shared test helpers live in helper modules (tests/fakes.py, tests/pack.py, ...), so a test module can
+    be run, moved or deleted alone."""
+    offenders = {}
+    for path in sorted((ROOT / "tests").glob("test_*.py")):
+        name = module_name(path, ROOT)
+        hits = sorted({n.split(".")[1] for n in imported_names(path, name) if n.startswith("tests.test_")})
+        if hits:
+            offenders[path.name] = hits
+    assert not offenders, f"test modules importing test modules: {offenders}"

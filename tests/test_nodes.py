@@ -5,14 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.test_nodes_common import MODEL_FILE, pack_module, write_small_bundle
+from tests.pack import (MODEL_FILE, SETTINGS, SIZE, decode, images, load, node, pack_module, sample, text,
+                        write_small_bundle)
+
 
 nodes = pack_module("nodes")
 _comfy = pack_module("nodes._comfy")
 types = pack_module("nodes.types")
-SIZE = dict(width=16, height=16)
-SETTINGS = dict(seed=3, steps=2, shift=1.0, stepper="euler", guidance="jit", scale=4.0, image_scale=1.5,
-                renormalize=False, **SIZE)
 
 
 @pytest.fixture(scope="module")
@@ -23,33 +22,6 @@ def model(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("STIV_MODEL_DIRS", str(folder))
         yield load()
-
-
-def load(name=MODEL_FILE, **options):
-    args = {**dict(model_name=name, weight_dtype="float32", quantization="none", attention="sdpa", block_swap=0,
-                   compile=False), **options}
-    return nodes.STIVLoader().load(**args)[0]
-
-
-def node(name):
-    cls = nodes.NODE_CLASS_MAPPINGS[name]
-    return getattr(cls(), cls.FUNCTION)
-
-
-def text(prompt="a red circle moving left", negative=""):
-    return node("STIVTextEncode")(prompt, negative)[0]
-
-
-def images(n, seed=0, h=16, w=16):
-    return torch.rand(n, h, w, 3, generator=torch.Generator().manual_seed(seed))
-
-
-def sample(model, cond, frames=4, **changes):
-    return node("STIVSampler")(model, cond, frames=frames, frame_stride=1, **{**SETTINGS, **changes})[0]
-
-
-def decode(model, latent):
-    return node("STIVDecode")(model, latent, chunk_frames=3)[0]
 
 
 def test_loader_lists_only_model_files_and_the_builtin(model):
@@ -106,7 +78,6 @@ def test_long_video_shares_its_keyframes_with_a_keyframe_pass(model):
     cond = node("STIVImageCondition")(text(), picture, "first", 1)[0]
     long = node("STIVKeyframeInterpolate")(model, cond, keyframes=2, keyframe_stride=3, **SETTINGS)[0]
     torch.testing.assert_close(decode(model, long)[0], picture[0], atol=1e-6, rtol=0)
-
 
 
 def test_keyframes_then_interpolate_keyframes_equals_the_one_node_long_video(model):

@@ -11,8 +11,7 @@ from stiv_core.checkpoint import save_model
 from stiv_core.config import preset
 from stiv_core.model.transformer import STIVTransformer
 from tests.fakes import ComfyCLIPStandIn, ComfyVAEStandIn, LinearVAE, ScaledLinearVAE, randomize
-from tests.test_nodes import SETTINGS, images, load, node, sample
-from tests.test_nodes_common import pack_module
+from tests.pack import SETTINGS, images, load, node, pack_module, sample
 
 adapters = pack_module("nodes.comfy_adapters")
 Err = pack_module("nodes.types").STIVInputError

@@ -9,88 +9,13 @@ import sys
 import types as pytypes
 
 import pytest
-import torch
 
-from tests.test_nodes import load, sample, text
-from tests.test_nodes_common import MODEL_FILE, ROOT, import_copy, import_pack, pack_module, write_small_bundle
+from tests.pack import (MODEL_FILE, ROOT, InterruptProcessingException, fake_comfy, import_copy, import_pack,
+                        load, pack_module, sample, text, write_small_bundle)
+
 
 _comfy = pack_module("nodes._comfy")
 plan = pack_module("nodes.plan")
-
-
-class InterruptProcessingException(Exception):
-    pass
-
-
-class RouteTable:
-    """`PromptServer.instance.routes` as aiohttp's RouteTableDef: `.get(path)` decorates a handler into a
-    list of route definitions (method, path, handler) that iterates; `served()` is ComfyUI's `add_routes`
-    at start-up, where aiohttp's router refuses a second GET on one path, and ComfyUI dies."""
-
-    def __init__(self):
-        self.defs: list = []
-
-    def get(self, path):
-        def decorate(handler):
-            self.defs.append(pytypes.SimpleNamespace(method="GET", path=path, handler=handler))
-            return handler
-        return decorate
-
-    def __iter__(self):
-        return iter(self.defs)
-
-    def served(self) -> dict:
-        handlers = {}
-        for d in self.defs:
-            if d.path in handlers:
-                raise RuntimeError("Added route will never be executed, method HEAD is already registered")
-            handlers[d.path] = d.handler
-        return handlers
-
-
-def fake_comfy(models_dir, calls):
-    mm = pytypes.ModuleType("comfy.model_management")
-    state = {"interrupt": False}
-    mm.InterruptProcessingException = InterruptProcessingException
-    mm.get_torch_device = lambda: torch.device("cpu")
-    mm.soft_empty_cache = lambda force=False: calls.append("soft_empty_cache")
-    mm.interrupt_current_processing = lambda value=True: state.update(interrupt=value)
-    mm.processing_interrupted = lambda: state["interrupt"]
-
-    def throw():
-        if state["interrupt"]:
-            state["interrupt"] = False
-            raise InterruptProcessingException()
-    mm.throw_exception_if_processing_interrupted = throw
-
-    utils = pytypes.ModuleType("comfy.utils")
-
-    class ProgressBar:
-        def __init__(self, total):
-            self.total = total
-
-        def update_absolute(self, value, total=None, preview=None):
-            calls.append(("progress", value, total, preview[0]))
-            if value == 1 and "interrupt at 1" in calls:
-                mm.interrupt_current_processing(True)
-    utils.ProgressBar = ProgressBar
-
-    folders = {"diffusion_models": [], "stiv": []}
-    fp = pytypes.ModuleType("folder_paths")
-    fp.models_dir = str(models_dir)
-    fp.add_model_folder_path = lambda name, path, is_default=False: folders.setdefault(name, []).append(path)
-    fp.get_filename_list = lambda name: sorted(p.name for d in folders[name] for p in __import__("pathlib").Path(d).glob("*"))
-    fp.get_full_path = lambda name, file: next((f"{d}/{file}" for d in folders[name]
-                                                if __import__("os").path.isfile(f"{d}/{file}")), None)
-
-    routes = RouteTable()
-    server = pytypes.ModuleType("server")
-    server.PromptServer = pytypes.SimpleNamespace(instance=pytypes.SimpleNamespace(routes=routes))
-    aiohttp = pytypes.ModuleType("aiohttp")
-    aiohttp.web = pytypes.SimpleNamespace(json_response=lambda data, status=200: (status, data))
-    comfy = pytypes.ModuleType("comfy")
-    return {"comfy": comfy, "comfy.model_management": mm, "comfy.utils": utils, "folder_paths": fp,
-            "server": server, "aiohttp": aiohttp}, routes
 
 
 @pytest.fixture

@@ -10,8 +10,7 @@ from stiv_core.bundle import SamplingDefaults
 from stiv_core.encoders.hashed import HashedTextEncoder
 from tests.fakes import (ComfyCLIPStandIn, ComfyPixelSpaceVAEStandIn, ComfyVAEStandIn,
                          ScaledLinearVAE, randomize)
-from tests.test_nodes import SETTINGS, images, load, node, sample
-from tests.test_nodes_common import pack_module, write_small_bundle
+from tests.pack import SETTINGS, images, load, node, pack_module, sample, write_small_bundle
 
 nodes = pack_module("nodes")
 types = pack_module("nodes.types")

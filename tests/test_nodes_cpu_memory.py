@@ -9,9 +9,8 @@ import sys
 
 import pytest
 
-from tests.test_nodes import SETTINGS, load, node, sample, text
-from tests.test_nodes_comfy import fake_comfy
-from tests.test_nodes_common import pack_module, write_small_bundle
+from tests.pack import SETTINGS, fake_comfy, load, node, pack_module, sample, text, write_small_bundle
+
 
 _comfy = pack_module("nodes._comfy")
 run = pack_module("nodes.run")

@@ -8,8 +8,7 @@ import torch
 from stiv_core.checkpoint import save_model
 from stiv_core.config import preset
 from stiv_core.model.transformer import STIVTransformer
-from tests.test_nodes import SETTINGS, decode, images, load, node, sample, text
-from tests.test_nodes_common import pack_module, write_small_bundle
+from tests.pack import SETTINGS, decode, images, load, node, pack_module, sample, text, write_small_bundle
 
 types = pack_module("nodes.types")
 Err = types.STIVInputError
@@ -171,7 +170,7 @@ def test_nan_in_the_weights_is_refused_at_load(folder):
     from stiv_core.bundle import save_bundle
     from stiv_core.encoders.words import WordTextEncoder
     from tests.fakes import randomize
-    from tests.test_nodes_common import DEFAULTS, VOCAB
+    from tests.pack import DEFAULTS, VOCAB
 
     model = randomize(STIVTransformer(preset("tiny", depth=1, hidden_size=32, num_heads=2, text_dim=32,
                                              pooled_text_dim=32, max_text_tokens=8)))

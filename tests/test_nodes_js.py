@@ -8,12 +8,13 @@ import subprocess
 
 import pytest
 
-from tests.test_nodes_common import ROOT, pack_module, write_small_bundle
+from tests.pack import ROOT, pack_module, write_small_bundle
+
 
 nodes = pack_module("nodes")
 plan = pack_module("nodes.plan")
 NODE = shutil.which("node")
-pytestmark = pytest.mark.skipif(NODE is None, reason="node.js is not installed")
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(NODE is None, reason="node.js is not installed")]
 
 SCRIPT = """
 const rules = await import(process.argv[1]);

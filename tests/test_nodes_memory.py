@@ -6,8 +6,8 @@ import gc
 import psutil
 import pytest
 
-from tests.test_nodes import load, sample, text
-from tests.test_nodes_common import pack_module, write_small_bundle
+from tests.pack import load, pack_module, sample, text, write_small_bundle
+
 
 _comfy = pack_module("nodes._comfy")
 RUNS, BOUND_MB = 50, 8.0

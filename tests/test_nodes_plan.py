@@ -15,8 +15,7 @@ from stiv_core.config import preset
 from stiv_core.memory.planner import GiB, Budget, RunShape, plan_memory
 from stiv_core.model.transformer import STIVTransformer
 from tests.fakes import randomize
-from tests.test_nodes_comfy import fake_comfy
-from tests.test_nodes_common import MODEL_FILE, pack_module, write_small_bundle
+from tests.pack import MODEL_FILE, fake_comfy, pack_module, write_small_bundle
 
 plan = pack_module("nodes.plan")
 BARE_FILE = "bare.safetensors"

@@ -153,6 +153,7 @@ _MEASURE = textwrap.dedent("""
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux's resettable peak RSS")
+@pytest.mark.slow  # a subprocess measures the peak
 @pytest.mark.parametrize("case", [
     dict(dim=256, depth=2, batch=2, frames=8, hw=32),   # activations dominate
     dict(dim=512, depth=4, batch=2, frames=8, hw=16),   # weights dominate

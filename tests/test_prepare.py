@@ -109,6 +109,7 @@ class TestPrepare:
         rows = [json.loads(line) for line in (tmp_path / "metadata.jsonl").read_text().splitlines()]
         assert all(r["caption"] == "caption of " + Path(r["path"]).name for r in rows)
 
+    @pytest.mark.slow  # a subprocess
     def test_names_never_collide_and_one_failure_does_not_stop_the_run(self, tmp_path):
         src = tmp_path / "raw"
         (src / "a").mkdir(parents=True)

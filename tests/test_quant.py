@@ -183,6 +183,7 @@ class TestCheckpoint:
         with pytest.raises(CheckpointError, match="stored as"):
             load_quantized(tmp_path / "q.safetensors", QuantConfig(QuantMode.NF4))
 
+    @pytest.mark.slow  # a subprocess
     def test_loading_quantized_never_holds_full_precision(self, tmp_path):
         """Peak RSS of loading a quantized file stays far below the model's float32 size."""
         script = textwrap.dedent(f"""

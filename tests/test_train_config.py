@@ -99,6 +99,7 @@ def test_bad_toml_file_is_reported(tmp_path):
         load_config(bad)
 
 
+@pytest.mark.slow  # a subprocess
 def test_cli_rejects_a_bad_value_before_training(tmp_path):
     out = tmp_path / "run"
     proc = subprocess.run([sys.executable, "stiv_core/train.py", "--config", str(CONFIGS[0]),

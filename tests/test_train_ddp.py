@@ -10,9 +10,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from stiv_core.bundle import load_pipeline
+
+pytestmark = pytest.mark.slow  # subprocesses / real training runs (CI runs them; -m 'not slow' skips)
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["max_steps=3", "batch_size=2", "sample_every=0", "checkpoint_every=2", "model.depth=1",

@@ -22,6 +22,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+pytestmark = pytest.mark.slow  # subprocesses / real training runs (CI runs them; -m 'not slow' skips)
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["batch_size=2", "sample_every=0", "model.depth=2", "model.hidden_size=32", "model.num_heads=2",
         "model.text_dim=32", "model.pooled_text_dim=32", "model.maskdit_extra_blocks=1",
@@ -185,7 +187,7 @@ def test_fsdp2_resumes_a_ddp_checkpoint_in_the_legacy_format(runs, tmp_path):
     """An FSDP2 run continues the DDP run's step-2 checkpoint, rewritten with its optimizer state keyed
     by index (the format before FSDP support), and reaches the DDP run's step 3."""
     from stiv_core.training.config import load_config
-    from tests.test_train_resume import rewrite_as_legacy
+    from tests.legacy_checkpoint import rewrite_as_legacy
     ddp = runs["ddp"][0]
     legacy = tmp_path / "checkpoints/step_00000002"
     shutil.copytree(ddp / "checkpoints/step_00000002", legacy)

@@ -9,9 +9,9 @@ import torch
 from stiv_core.checkpoint import load_model
 from stiv_core.train import train
 from stiv_core.training.config import load_config
+from tests.fakes import TINY_TRAINING
 
-TINY = ["model.depth=1", "model.hidden_size=32", "model.num_heads=2", "model.text_dim=16",
-        "model.pooled_text_dim=16", "model.max_text_tokens=8", "data.buckets=[[4, 16, 16]]", "batch_size=4"]
+TINY = TINY_TRAINING
 
 
 def test_loss_goes_down_on_a_tiny_overfit_run(tmp_path):

@@ -13,7 +13,7 @@ from stiv_core.encoders.hf import HFTextEncoder
 from stiv_core.train import train, trained_with
 from stiv_core.training.config import ConfigError, load_config
 from stiv_core.training.encoders import build_encoders
-from tests.tiny_hf import save_tiny_clip, save_tiny_t5
+from tests.tiny_hf import save_tiny_clip, save_tiny_t5, sd_family_autoencoder, to_ldm
 
 diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
@@ -72,7 +72,6 @@ def test_t5_tokens_with_a_clip_pooled_embedding(tmp_path, folders):
 
 def test_a_single_original_format_vae_file_with_its_family(tmp_path, folders):
     from stiv_core.encoders.vae import DiffusersVAE
-    from tests.test_vae import sd_family_autoencoder, to_ldm
 
     save_file(to_ldm(sd_family_autoencoder().state_dict(), levels=2), str(tmp_path / "sdxl_vae.safetensors"))
     config = load_config(CONFIG, overrides(tmp_path, folders, vae_path=f'"{tmp_path / "sdxl_vae.safetensors"}"',

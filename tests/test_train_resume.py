@@ -15,12 +15,10 @@ from safetensors.torch import load_file
 
 import stiv_core.train as trainer
 from stiv_core.checkpoint import save_state_dict
-from stiv_core.model.transformer import STIVTransformer
 from stiv_core.train import train
-from stiv_core.training.config import ConfigError, TrainConfig, load_config
-from stiv_core.training.full_state import load_full_optimizer_state, parameter_names
-from stiv_core.training.optim import build_optimizer, build_scheduler
-from stiv_core.training.state import TrainerState, latest_checkpoint, list_checkpoints, read_checkpoint
+from stiv_core.training.config import ConfigError, load_config
+from stiv_core.training.state import latest_checkpoint, list_checkpoints
+from tests.legacy_checkpoint import rewrite_as_legacy
 
 ROOT = Path(__file__).resolve().parents[1]
 # Every recipe feature on, so their randomness is part of what must resume exactly.
@@ -68,6 +66,7 @@ def test_existing_checkpoints_without_resume_is_an_error(tmp_path):
         run(tmp_path, "max_steps=2", "resume=false")
 
 
+@pytest.mark.slow  # a subprocess
 def test_sigkill_at_any_moment_resumes_from_the_last_complete_checkpoint(tmp_path):
     killed = tmp_path / "killed"
     cmd = [sys.executable, "stiv_core/train.py", "--config", str(ROOT / "stiv_core/configs/tiny.toml"),
@@ -95,42 +94,6 @@ def test_sigkill_at_any_moment_resumes_from_the_last_complete_checkpoint(tmp_pat
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=300)
     assert not list((killed / "checkpoints").glob("*.tmp*"))  # the interrupted save was cleaned up
     assert_identical(killed / f"checkpoints/step_{target:08d}", tmp_path / f"full/checkpoints/step_{target:08d}")
-
-
-def legacy_pack_state(optimizer, scheduler, state: TrainerState):
-    """state.safetensors as written before FSDP support (optimizer state keyed by index), verbatim:
-    the reference for checkpoints already on disk, e.g. of runs that are resumed with newer code."""
-    opt = optimizer.state_dict()
-    tensors: dict[str, torch.Tensor] = {"rng/torch_cpu": torch.get_rng_state()}
-    scalars: dict[str, dict] = {}
-    for index, entries in opt["state"].items():
-        for name, value in entries.items():
-            if isinstance(value, torch.Tensor):
-                tensors[f"optimizer/{index}/{name}"] = value.detach().contiguous().cpu()
-            else:
-                scalars.setdefault(str(index), {})[name] = value
-    sched = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
-    metadata = {"param_groups": json.dumps(opt["param_groups"]), "scalars": json.dumps(scalars),
-                "scheduler": json.dumps(sched), "trainer": json.dumps(vars(state))}
-    return tensors, metadata
-
-
-def rewrite_as_legacy(checkpoint: Path, config: TrainConfig) -> None:
-    """Rewrite a checkpoint's state.safetensors in the old format (model and EMA files are unchanged)."""
-    model = STIVTransformer(config.model)
-    optimizer = build_optimizer(model.parameters(), config.optim)
-    scheduler = build_scheduler(optimizer, config.optim)
-    snapshot = read_checkpoint(checkpoint, parameter_names=parameter_names(model, optimizer))
-    load_full_optimizer_state(model, optimizer, snapshot.optimizer)
-    scheduler.load_state_dict({**scheduler.state_dict(), **snapshot.scheduler})
-    rng = torch.get_rng_state()
-    torch.set_rng_state(snapshot.rng["torch_cpu"])
-    try:
-        save_state_dict(checkpoint / "state.safetensors", *legacy_pack_state(optimizer, scheduler, snapshot.trainer))
-    finally:
-        torch.set_rng_state(rng)
-    with safe_open(str(checkpoint / "state.safetensors"), framework="pt") as f:
-        assert "optimizer_keys" not in f.metadata() and "optimizer/0/exp_avg" in f.keys()
 
 
 def test_a_checkpoint_in_the_legacy_format_resumes_bit_identically(tmp_path):

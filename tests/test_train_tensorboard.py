@@ -3,7 +3,7 @@ import pytest
 
 from stiv_core.train import train
 from stiv_core.training.config import load_config
-from tests.test_train_loop import TINY
+from tests.fakes import TINY_TRAINING as TINY
 
 event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
 

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import re
 import socket
 import sys
 
@@ -13,6 +12,7 @@ diffusers = pytest.importorskip("diffusers")
 
 from stiv_core.encoders.vae import DiffusersVAE, LatentSampling, VAEFamily  # noqa: E402
 from stiv_core.interfaces import VideoVAE  # noqa: E402
+from tests.tiny_hf import sd_family_autoencoder, to_ldm  # noqa: E402
 
 
 def tiny_autoencoder(latent_channels: int = 4, scaling: float = 0.13025, shift=None):
@@ -88,44 +88,6 @@ class TestSingleFileAndChannels:
 
 
 # ---- original (LDM / ComfyUI models/vae) key names, written here from the original Encoder/Decoder ----
-
-_LDM_RENAMES = [  # (diffusers pattern, original replacement), applied in order
-    (r"^(encoder|decoder)\.mid_block\.resnets\.(\d)\.", lambda m: f"{m[1]}.mid.block_{int(m[2]) + 1}."),
-    (r"^(encoder|decoder)\.mid_block\.attentions\.0\.group_norm\.", r"\1.mid.attn_1.norm."),
-    (r"^(encoder|decoder)\.mid_block\.attentions\.0\.to_([qkv])\.", r"\1.mid.attn_1.\2."),
-    (r"^(encoder|decoder)\.mid_block\.attentions\.0\.to_out\.0\.", r"\1.mid.attn_1.proj_out."),
-    (r"^encoder\.down_blocks\.(\d+)\.resnets\.", r"encoder.down.\1.block."),
-    (r"^encoder\.down_blocks\.(\d+)\.downsamplers\.0\.", r"encoder.down.\1.downsample."),
-    (r"\.conv_shortcut\.", ".nin_shortcut."),
-    (r"^(encoder|decoder)\.conv_norm_out\.", r"\1.norm_out."),
-]
-
-
-def to_ldm(state: dict[str, torch.Tensor], levels: int) -> dict[str, torch.Tensor]:
-    """A diffusers AutoencoderKL state dict under the original names: the decoder's up blocks in reverse
-    order, the mid attention's linear layers as 1x1 convolutions."""
-    out = {}
-    for key, value in state.items():
-        up = re.match(r"^decoder\.up_blocks\.(\d+)\.(resnets|upsamplers\.0)\.(.*)$", key)
-        if up:
-            part = "block" if up[2] == "resnets" else "upsample"
-            key = f"decoder.up.{levels - 1 - int(up[1])}.{part}.{up[3]}"
-        for pattern, replacement in _LDM_RENAMES:
-            key = re.sub(pattern, replacement, key)
-        if ".mid.attn_1." in key and key.endswith("weight") and value.dim() == 2:
-            value = value[:, :, None, None]
-        out[key] = value.contiguous()
-    return out
-
-
-def sd_family_autoencoder(latent_channels=4, scaling=0.13025, shift=None):
-    """An SD-family architecture (GroupNorm 32, mid attention) at tiny width."""
-    torch.manual_seed(1)
-    return diffusers.AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=latent_channels, block_out_channels=(32, 64),
-        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-        layers_per_block=1, norm_num_groups=32, sample_size=16, scaling_factor=scaling, shift_factor=shift)
-
 
 @pytest.fixture
 def no_network(monkeypatch):

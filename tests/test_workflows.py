@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from stiv_core.video_io import write_video
-from tests.test_nodes_common import ROOT, pack_module, write_small_bundle
+from tests.pack import ROOT, pack_module, write_small_bundle
 
 nodes = pack_module("nodes")
 bundle = pack_module("stiv_core.bundle")
