@@ -97,7 +97,7 @@ def describe_plan(q: PlanQuery) -> dict:
                                  forwards_per_step=forwards)   # latent units
     tokens = (shape.frames // pt) * (shape.height // p) * (shape.width // p)
     options = MemoryOptions(quant=q.quantization, device=str(device),
-                            block_swap=min(q.block_swap, config.depth + config.maskdit_extra_blocks))
+                            block_swap=min(q.block_swap, config.num_blocks))
     quant, notes = resolve_quant(options, device)
     budget = Budget.whole_device(device)
     run = plan_run(config, shape, options, device=device, quant=quant, budget=budget,

@@ -84,6 +84,11 @@ class STIVConfig:
         object.__setattr__(self, "rope_position_scale", tuple(float(s) for s in scale))
 
     @property
+    def num_blocks(self) -> int:
+        """Transformer blocks a forward runs (`STIVTransformer.all_blocks()`): the main ones + MaskDiT's extra."""
+        return self.depth + self.maskdit_extra_blocks
+
+    @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_heads
 

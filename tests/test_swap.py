@@ -196,5 +196,6 @@ def test_all_blocks_are_the_blocks_in_run_order_with_their_state_dict_names(make
     names = [name for name, _ in model.named_blocks()]
     assert names == ["blocks.0", "blocks.1", "blocks.2", "extra_blocks.0", "extra_blocks.1"]
     assert model.all_blocks() == [*model.blocks, *model.extra_blocks]
+    assert model.config.num_blocks == len(model.all_blocks()) == 5  # what the planner counts without a model
     modules = dict(model.named_modules())
     assert all(modules[name] is block for name, block in model.named_blocks())
