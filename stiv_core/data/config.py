@@ -19,6 +19,7 @@ class DataKind(str, enum.Enum):
     VIDEO_FOLDER = "video_folder"  # clip.mp4 + clip.txt, or metadata.jsonl / metadata.csv
     IMAGE_FOLDER = "image_folder"  # image + .txt caption: 1-frame samples for the T2I stage
     CACHE = "cache"                # pre-encoded latent/text shards (python -m stiv_core.training.cache)
+    OBJECTS = "objects"            # the multi-view 3D object domain (data/objects.py): 8-view clips
 
 
 @dataclass(frozen=True)

@@ -175,6 +175,9 @@ def build_dataset(config: DataConfig) -> Dataset:
     if config.kind == DataKind.SHAPES:
         from .shapes import ShapesDataset
         return ShapesDataset(config.num_samples, split="train", frame_strides=config.frame_strides)
+    if config.kind == DataKind.OBJECTS:
+        from .objects import ObjectsDataset
+        return ObjectsDataset(config.num_samples, split="train")
     if config.kind == DataKind.SQUARES:
         from .squares import MovingSquares
         return MovingSquares(config.num_samples, frame_strides=config.frame_strides)

@@ -37,6 +37,7 @@ FIELD_OF_VIEW = 40.0            # degrees, vertical
 SIZE = 0.8                      # the solids' half-extent (object units)
 AMBIENT, DIFFUSE = 0.45, 0.55
 HELD_OUT_EVERY = 7              # about 1 in 7 (solid, colours, background) combinations is never trained on
+VOCABULARY = tuple(sorted({"a", "and", "on", "background", *OBJECT_COLORS, *OBJECT_BACKGROUNDS, *SOLIDS}))
 
 
 @dataclass(frozen=True)

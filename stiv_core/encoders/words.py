@@ -94,6 +94,22 @@ class WordTextEncoder(nn.Module):
             torch.manual_seed(seed)
             return cls(vocab, dim=dim, max_tokens=max_tokens).eval().requires_grad_(False)
 
+    def with_words(self, words: Sequence[str], *, seed: int) -> WordTextEncoder:
+        """This encoder with `words` it lacks appended to the vocabulary (frozen, eval): the known words keep
+        their vectors exactly, each new one gets a seeded vector drawn as the originals were (a finetune on
+        a domain with new words, e.g. the multi-view objects)."""
+        new = [w for w in dict.fromkeys(words) if w not in self.index]
+        if not new:
+            return self
+        grown = type(self)(self.vocab + new, dim=self.dim, max_tokens=self.max_tokens,
+                           heads=self.context.self_attn.num_heads)
+        state = {k: v for k, v in self.state_dict().items() if k != "embed.weight"}
+        grown.load_state_dict(state, strict=False)
+        extra = torch.randn(len(new), self.dim, generator=torch.Generator().manual_seed(seed)) * EMBED_STD
+        with torch.no_grad():
+            grown.embed.weight.copy_(torch.cat([self.embed.weight.detach().cpu(), extra.to(self.embed.weight.dtype)]))
+        return grown.to(self.embed.weight.device).eval().requires_grad_(False)
+
     @classmethod
     def from_metadata(cls, metadata: dict[str, str]) -> WordTextEncoder:
         return cls.from_spec(json.loads(metadata[VOCAB_KEY]))

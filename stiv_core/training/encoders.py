@@ -17,7 +17,8 @@ from typing import Optional
 import torch
 
 from ..bundle import load_word_encoder
-from ..data.shapes import VOCABULARY
+from ..data import objects, shapes
+from ..data.config import DataConfig, DataKind
 from ..encoders.hashed import HashedTextEncoder
 from ..encoders.pixel import PixelVAE
 from ..encoders.words import WordTextEncoder
@@ -57,7 +58,8 @@ def build_text_encoder(config: TrainConfig, device: torch.device | str) -> TextE
         _need_widths(m, m.text_dim, m.text_dim, "the word encoder (pooled = token width)")
         words = _init_word_encoder(config)
         if words is None:
-            words = WordTextEncoder.seeded(VOCABULARY, dim=m.text_dim, max_tokens=m.max_text_tokens, seed=config.seed)
+            words = WordTextEncoder.seeded(vocabulary(config.data), dim=m.text_dim, max_tokens=m.max_text_tokens,
+                                           seed=config.seed)
         return words.to(device).eval().requires_grad_(False)
     if config.text_encoder == TextEncoderKind.HF:
         from ..encoders.hf import HFTextEncoder
@@ -99,7 +101,16 @@ def _init_word_encoder(config: TrainConfig) -> Optional[WordTextEncoder]:
         raise ConfigError(f"the word encoder in init.path {path!r} gives {words.dim}-wide tokens, at most "
                           f"{words.max_tokens}; the model takes {m.text_dim} / {m.max_text_tokens}")
     log.info("text: the word encoder saved in %s (%d words)", path, len(words.vocab))
-    return words
+    grown = words.with_words(vocabulary(config.data), seed=config.seed)
+    if grown is not words:
+        log.info("text: %d words of the data added to it: %s", len(grown.vocab) - len(words.vocab),
+                 ", ".join(grown.vocab[len(words.vocab):]))
+    return grown
+
+
+def vocabulary(data: DataConfig) -> tuple[str, ...]:
+    """The words a procedural domain's captions use (the shapes domain's for every other kind)."""
+    return objects.VOCABULARY if data.kind == DataKind.OBJECTS else shapes.VOCABULARY
 
 
 def _need_widths(model, dim: int, pooled: int, what: str) -> None:
