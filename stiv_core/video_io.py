@@ -95,12 +95,33 @@ def read_video(path: str | Path) -> torch.Tensor:
 
 
 EXIF_ORIENTATION = 0x0112
+# Pillow's modes deeper than 8 bits, each with the value that means full brightness. 16-bit grayscale
+# PNGs and TIFFs open as "I;16" (older Pillow: "I", 32-bit int holding the 16-bit values, which is also
+# how ComfyUI reads "I"); 32-bit float images ("F") hold [0, 1]. Deeper RGB files open as 8-bit RGB.
+HIGH_DEPTH_FULL_SCALE = {"I;16": 65535, "I;16L": 65535, "I;16B": 65535, "I;16N": 65535, "I": 65535, "F": 1.0}
 
 
-def upright_rgb(image: Image.Image) -> Image.Image:
-    """RGB as the photo is meant to be seen: its EXIF orientation applied (phone portraits are stored
-    sideways), transparency composited onto black rather than whatever colour hides under alpha 0."""
+def image_pixels(image: Image.Image) -> torch.Tensor:
+    """A Pillow image of any mode as `(3, H, W)` float32 in [-1, 1], as the picture is meant to be seen:
+    its EXIF orientation applied (phone portraits are stored sideways), transparency composited onto
+    black rather than whatever colour hides under alpha 0, grayscale repeated over the three channels,
+    and every bit depth scaled by its own full scale (255, 65535 or 1.0, see `HIGH_DEPTH_FULL_SCALE`).
+    8-bit images give exactly `value / 127.5 - 1`. Values outside the mode's range are a ValueError."""
     image = ImageOps.exif_transpose(image)
+    full_scale = HIGH_DEPTH_FULL_SCALE.get(image.mode)
+    if full_scale is None:
+        return _to_tensor(np.asarray(_composited_rgb(image))).permute(2, 0, 1)
+    values = np.asarray(image).astype(np.float64)
+    low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+    if not 0 <= low <= high <= full_scale:  # NaN fails every comparison
+        raise ValueError(f"a mode {image.mode} image must hold values in [0, {full_scale:g}]; this one "
+                         f"spans [{low:g}, {high:g}]")
+    gray = torch.from_numpy((values / full_scale * 2 - 1).astype(np.float32))
+    return gray.expand(3, -1, -1).contiguous()
+
+
+def _composited_rgb(image: Image.Image) -> Image.Image:
+    """An 8-bit image as RGB, transparency composited onto black."""
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
@@ -109,14 +130,16 @@ def upright_rgb(image: Image.Image) -> Image.Image:
 
 
 def read_image(path: str | Path, height: int, width: int) -> torch.Tensor:
-    """An image as `(3, H, W)` in [-1, 1]; another size is centre-cropped to the aspect, then resized."""
+    """An image as `(3, H, W)` in [-1, 1] (see `image_pixels`); another size is centre-cropped to the
+    aspect, then resized."""
     path = _existing(path)
     try:
         with Image.open(path) as opened:
-            image = upright_rgb(opened)
+            pixels = image_pixels(opened)
     except OSError as err:
         raise ValueError(f"{path} is not an image Pillow can read ({err})") from err
-    pixels = _to_tensor(np.asarray(image)).permute(2, 0, 1)
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from err
     if pixels.shape[1:] != (height, width):
         log.warning("%s is %dx%d px; centre-cropped and resized to the video's %dx%d", path.name,
                     pixels.shape[2], pixels.shape[1], width, height)

@@ -37,6 +37,36 @@ def test_unknown_words_are_warned_about_and_ignored(caplog):
     torch.testing.assert_close(a.pooled, b.pooled)
 
 
+def test_a_long_prompt_is_warned_about_by_its_first_words_and_count(caplog):
+    prompt = " ".join(["a red circle moving left on a blue background"] * 1111)  # 9999 words, 60 KB
+    with caplog.at_level(logging.WARNING):
+        ids, _ = encoder().token_ids([prompt])
+    assert ids.shape == (1, 12)
+    assert "'a red circle moving left on a blue ...' (9999 words) has 9999 known words; only the first 12" \
+        in caplog.text
+    assert len(caplog.text) < 500
+
+
+def test_characters_no_word_is_made_of_are_warned_about_and_ignored(caplog):
+    with caplog.at_level(logging.WARNING):
+        with torch.no_grad():
+            a = encoder().encode(["a red \U0001F534 circle, moving left! \u2014 \u201con\u201d a blue background"])
+            b = encoder().encode(["a red circle moving left on a blue background"])
+    assert caplog.text.count("WARNING") == 1   # punctuation, ASCII or not, separates words silently
+    assert "characters ignored" in caplog.text and "U+1F534" in caplog.text
+    torch.testing.assert_close(a.tokens, b.tokens)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        encoder().token_ids(["a red caf\u00e9"])
+    assert "caf" in caplog.text and "\u00e9 (U+00E9)" in caplog.text
+
+
+def test_many_unknown_words_are_listed_twenty_at_most(caplog):
+    with caplog.at_level(logging.WARNING):
+        encoder().token_ids([" ".join(f"w{i:03d}" for i in range(100))])
+    assert "w000, w001" in caplog.text and "w019 and 80 more" in caplog.text and "w020" not in caplog.text
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_context_tells_object_colour_from_background_colour(seed):
     """The same colour word as the object's and as the background's must be clearly different tokens

@@ -148,3 +148,34 @@ def test_combined_encoder_gives_t5_tokens_and_the_clip_pooled(tiny_folders):
     assert torch.equal(e.tokens, tokens.tokens) and torch.equal(e.mask, tokens.mask)
     assert torch.equal(e.pooled, pooled.pooled)
     assert not torch.allclose(e.pooled, tokens.pooled[:, :24])
+
+
+# ---- weights: safetensors only, checked before transformers reads the folder ----
+
+def test_a_folder_with_only_a_pickle_is_refused_before_transformers_loads_it(tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    from tests.tiny_hf import save_tiny_t5
+
+    folder = save_tiny_t5(tmp_path / "t5")
+    torch.save(load_file(folder / "model.safetensors"), folder / "pytorch_model.bin")  # an old-style folder
+    (folder / "model.safetensors").unlink()
+    def no_pickles(*args, **kwargs):
+        raise AssertionError("a pickle was loaded")
+    monkeypatch.setattr(torch, "load", no_pickles)
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", no_pickles)  # nothing reaches transformers
+    with pytest.raises(FileNotFoundError, match=rf"{tmp_path}.t5' has no model\.safetensors .*it holds "
+                                                rf"pytorch_model\.bin\. Only safetensors"):
+        HFTextEncoder(folder)
+
+
+def test_sharded_safetensors_load(tmp_path, tiny_folders):
+    from tests.tiny_hf import save_tiny_t5
+
+    folder = save_tiny_t5(tmp_path / "t5")
+    model = transformers.T5EncoderModel.from_pretrained(folder, local_files_only=True)
+    (folder / "model.safetensors").unlink()
+    model.save_pretrained(folder, max_shard_size="20KB")
+    assert (folder / "model.safetensors.index.json").is_file() and not (folder / "model.safetensors").exists()
+    sharded, single = HFTextEncoder(folder).encode(PROMPTS), HFTextEncoder(tiny_folders["t5"]).encode(PROMPTS)
+    assert torch.equal(sharded.tokens, single.tokens)

@@ -166,6 +166,18 @@ class TestErrors:
         with pytest.raises(FileNotFoundError, match="no config.json"):
             DiffusersVAE(tmp_path / "empty")
 
+    def test_a_folder_with_only_a_pickle_is_refused_before_diffusers_loads_it(self, tmp_path, monkeypatch):
+        folder = tmp_path / "old-vae"
+        sd_family_autoencoder().save_pretrained(folder, safe_serialization=False)
+        assert (folder / "diffusion_pytorch_model.bin").is_file()
+        def no_pickles(*args, **kwargs):
+            raise AssertionError("the library was asked to load the folder")
+        monkeypatch.setattr(torch, "load", no_pickles)
+        monkeypatch.setattr(diffusers.AutoencoderKL, "from_pretrained", no_pickles)
+        with pytest.raises(FileNotFoundError, match=r"old-vae' has no diffusion_pytorch_model\.safetensors .*"
+                                                    r"it holds diffusion_pytorch_model\.bin\. Only safetensors"):
+            DiffusersVAE(folder)
+
     def test_missing_diffusers(self, sdxl_like, monkeypatch):
         monkeypatch.setitem(sys.modules, "diffusers", None)
         with pytest.raises(ImportError, match="pip install diffusers"):

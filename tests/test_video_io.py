@@ -5,6 +5,7 @@ from fractions import Fraction
 import av
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from stiv_core.data.shapes import ShapeParams, render
@@ -93,3 +94,66 @@ def test_images_are_read_upright_and_transparency_is_black(tmp_path):
     rgba[..., 0] = 255
     Image.fromarray(rgba, "RGBA").save(tmp_path / "clear.png")
     assert read_image(tmp_path / "clear.png", 8, 8).max() == -1.0
+
+
+def _gray(mode, value, shape=(6, 8)):
+    """A uniform image of a grayscale-like `mode` holding `value`, built from a numpy array."""
+    dtype = {"L": np.uint8, "I;16": np.uint16, "I": np.int32, "F": np.float32}[mode]
+    return Image.fromarray(np.full(shape, value, dtype), mode if mode != "I;16" else None)
+
+
+# One row per Pillow mode: the image, the file it is saved as (a format that keeps the mode), the RGB
+# in [0, 1] it must read as. Mid-gray 16-bit is 32768 / 65535, not white (it was clipped to 255).
+MODES = {
+    "L": (lambda: _gray("L", 51), "g.png", (0.2, 0.2, 0.2)),
+    "I;16": (lambda: _gray("I;16", 32768), "g16.png", (32768 / 65535,) * 3),
+    "I": (lambda: _gray("I", 16384), "g32.tif", (16384 / 65535,) * 3),
+    "F": (lambda: _gray("F", 0.25), "f.tif", (0.25, 0.25, 0.25)),
+    "LA": (lambda: Image.new("LA", (8, 6), (255, 51)), "la.png", (0.2, 0.2, 0.2)),   # white at alpha 0.2
+    "P": (lambda: Image.new("RGB", (8, 6), (255, 0, 51)).quantize(4), "p.png", (1.0, 0.0, 0.2)),
+    "RGBA": (lambda: Image.new("RGBA", (8, 6), (255, 102, 0, 51)), "rgba.png", (0.2, 0.08, 0.0)),
+    "CMYK": (lambda: Image.new("CMYK", (8, 6), (0, 255, 255, 0)), "cmyk.tif", (1.0, 0.0, 0.0)),
+}
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_every_image_mode_reads_at_its_own_bit_depth(tmp_path, mode):
+    from stiv_core.data.folders import ImageFolder
+    from stiv_core.data.listing import Entry
+    from stiv_core.data.sample import SampleKey
+
+    make, name, rgb = MODES[mode]
+    make().save(tmp_path / name)
+    with Image.open(tmp_path / name) as reopened:
+        assert reopened.mode == mode  # the file kept the mode under test
+    expected = torch.tensor(rgb)[:, None, None].expand(3, 6, 8) * 2 - 1
+    torch.testing.assert_close(read_image(tmp_path / name, 6, 8), expected, atol=1 / 255, rtol=0)
+    # the image-folder dataset decodes the same way (loaded directly: it lists no .tif files)
+    Image.new("RGB", (8, 6)).save(tmp_path / "any.png")
+    (tmp_path / "any.txt").write_text("any")
+    folder = ImageFolder(str(tmp_path))
+    sample = folder.load(Entry(tmp_path / name, "a caption"), SampleKey(0, (2, 6, 8), 0))
+    torch.testing.assert_close(sample.pixels, expected[:, None].expand(3, 2, 6, 8), atol=1 / 255, rtol=0)
+
+
+@pytest.mark.parametrize("mode,value", [("I", -1), ("I", 65536), ("F", 1.5), ("F", float("nan"))])
+def test_deep_images_outside_their_range_are_a_clear_error(tmp_path, mode, value):
+    _gray(mode, value).save(tmp_path / "deep.tif")
+    with pytest.raises(ValueError, match=r"deep\.tif: a mode . image must hold values in \[0, (65535|1)\]"):
+        read_image(tmp_path / "deep.tif", 6, 8)
+
+
+def test_8bit_rgb_reads_exactly_as_before(tmp_path):
+    """value / 127.5 - 1, bit for bit, in read_image and in the dataset (resized like a uint8 clip)."""
+    from stiv_core.data.folders import ImageFolder
+    from stiv_core.data.sample import SampleKey
+    from stiv_core.data.transforms import plan_crop, resize_crop
+
+    array = np.random.default_rng(0).integers(0, 256, (12, 20, 3), dtype=np.uint8)
+    Image.fromarray(array).save(tmp_path / "rgb.png")
+    (tmp_path / "rgb.txt").write_text("noise")
+    assert torch.equal(read_image(tmp_path / "rgb.png", 12, 20), torch.from_numpy(array).permute(2, 0, 1) / 127.5 - 1)
+    sample = ImageFolder(str(tmp_path), random_crop=False)[SampleKey(0, (3, 8, 8), 0)]
+    frames = torch.from_numpy(array).permute(2, 0, 1)[None].expand(3, -1, -1, -1)   # uint8, as it used to be
+    crop = plan_crop((12, 20), (8, 8), random=False, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(sample.pixels, resize_crop(frames, crop, (8, 8)))

@@ -22,7 +22,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 from ..conditioning import MicroConditions
-from ..video_io import EXIF_ORIENTATION, upright_rgb
+from ..video_io import EXIF_ORIENTATION, image_pixels
 from .listing import IMAGE_SUFFIXES, VIDEO_SUFFIXES, Entry, list_entries
 from .sample import SampleKey, VideoSample
 from .transforms import TooShortError, choose_window, plan_crop, resize_crop
@@ -104,7 +104,7 @@ class SkippingDataset(Dataset):
 
     def _sample(self, frames: torch.Tensor, entry: Entry, key: SampleKey, stride: int,
                 gen: torch.Generator) -> VideoSample:
-        """frames `(T, 3, H, W)` uint8, already the bucket's frame count."""
+        """frames `(T, 3, H, W)`, uint8 or float in [-1, 1], already the bucket's frame count."""
         count, height, width = key.bucket
         crop = plan_crop(tuple(frames.shape[-2:]), (height, width), random=self.random_crop, generator=gen)
         pixels = resize_crop(frames, crop, (height, width))
@@ -143,8 +143,7 @@ class ImageFolder(SkippingDataset):
     def load(self, entry: Entry, key: SampleKey) -> VideoSample:
         gen = torch.Generator().manual_seed(key.seed)
         with Image.open(entry.path) as image:
-            array = np.asarray(upright_rgb(image))
-        frame = torch.from_numpy(array.copy()).permute(2, 0, 1)[None]
+            frame = image_pixels(image)[None]  # (1, 3, H, W) in [-1, 1], whatever the bit depth
         return self._sample(frame.expand(key.bucket[0], -1, -1, -1), entry, key, 1, gen)
 
     def probe_size(self, path: str) -> tuple[int, int]:

@@ -1,7 +1,8 @@
 """Real text encoders (T5, CLIP, any Hugging Face encoder) from a LOCAL folder, offline.
 
 transformers is imported only here and only when such an encoder is built; nothing is downloaded
-(`local_files_only=True`). Tokens are the encoder's last hidden states (what cross-attention reads);
+(`local_files_only=True`), and only safetensors weights are read (`model.safetensors`, never a pickle
+`pytorch_model.bin`). Tokens are the encoder's last hidden states (what cross-attention reads);
 the pooled embedding (what adaLN-single reads) follows the paper:
 - CLIP-like encoders: the hidden state of the last real token, the EOS token that carries the sentence
   (CLIP's own `pooler_output`), through the text projection when the folder has one
@@ -19,8 +20,10 @@ from typing import Optional
 import torch
 
 from ..interfaces import TextEmbedding, masked_mean
+from .weight_folders import require_safetensors
 
 T5_TYPES = ("t5", "mt5", "umt5")
+SAFETENSORS_WEIGHTS = "model.safetensors"  # transformers' name (SAFE_WEIGHTS_NAME)
 
 
 class Pooling(str, enum.Enum):
@@ -43,6 +46,7 @@ class HFTextEncoder:
         if not (folder / "config.json").is_file():
             raise FileNotFoundError(f"no Hugging Face model in {str(folder)!r}: expected a folder with "
                                     f"config.json, the tokenizer files and the weights")
+        require_safetensors(folder, SAFETENSORS_WEIGHTS)  # before transformers reads anything
         if importlib.util.find_spec("transformers") is None:
             raise ImportError("real text encoders need the transformers package: pip install transformers")
         import transformers
@@ -87,7 +91,7 @@ def _load_text_model(transformers, folder: Path, config, dtype: torch.dtype):
     """The text tower of the folder's model: T5's encoder, CLIP's text model (with its projection when
     the folder has one), or `AutoModel`."""
     kind, architectures = config.model_type, set(getattr(config, "architectures", None) or ())
-    load = dict(local_files_only=True, dtype=dtype)
+    load = dict(local_files_only=True, use_safetensors=True, dtype=dtype)
     if kind in T5_TYPES:
         return transformers.T5EncoderModel.from_pretrained(folder, **load)
     if kind == "clip":  # a full CLIPModel: its text tower and text projection, not the vision tower

@@ -2,7 +2,8 @@
 16 channels, any channel count) behind the `VideoVAE` protocol.
 
 diffusers is imported only here and only when such a VAE is built; nothing is downloaded. Accepted:
-- a diffusers folder (`config.json` + weights), e.g. `sdxl-vae/` or `stable-diffusion-xl-base-1.0/vae`;
+- a diffusers folder (`config.json` + `diffusion_pytorch_model.safetensors`, never a pickle `.bin`), e.g.
+  `sdxl-vae/` or `stable-diffusion-xl-base-1.0/vae`;
 - a single `.safetensors` file, with original (LDM / ComfyUI `models/vae`, e.g. `sdxl_vae.safetensors`)
   or diffusers key names, and either its family (`config="sdxl"`; also "sd", "sd3", "flux": the
   architecture is read from the tensor shapes, the latent scale and shift are the family's) or its
@@ -21,7 +22,10 @@ from typing import Mapping, Optional, Union
 
 import torch
 
+from .weight_folders import require_safetensors
+
 CONFIG_FILE = "config.json"
+SAFETENSORS_WEIGHTS = "diffusion_pytorch_model.safetensors"  # diffusers' name (SAFETENSORS_WEIGHTS_NAME)
 
 
 class VAEFamily(str, enum.Enum):
@@ -149,7 +153,8 @@ def load_autoencoder_kl(path: str | Path, *, config: VAEConfigSource = None):
     if path.is_dir():
         if not (path / CONFIG_FILE).is_file():
             raise FileNotFoundError(f"{str(path)!r} has no {CONFIG_FILE}: not a diffusers AutoencoderKL folder")
-        return diffusers.AutoencoderKL.from_pretrained(path, local_files_only=True)
+        require_safetensors(path, SAFETENSORS_WEIGHTS)
+        return diffusers.AutoencoderKL.from_pretrained(path, local_files_only=True, use_safetensors=True)
     if path.suffix not in (".safetensors", ".sft"):
         raise ValueError(f"{path.name}: only .safetensors VAE files are loaded (pickle can run code)")
     shapes = _tensor_shapes(path)

@@ -9,13 +9,15 @@ Positions are drawn as large as the words (std 0.5 each): the built-in model up 
 with positions 25x smaller, so a word read the same wherever it stood (cos 0.998 between "blue" as the
 object's colour and as the background's), and its only colour errors were the two colours swapped.
 
-Words outside the vocabulary are warned about and ignored (never an error: users type freely).
+Words outside the vocabulary, and characters no word is made of (emoji, accented letters), are warned
+about and ignored (never an error: users type freely).
 """
 from __future__ import annotations
 
 import json
 import logging
 import re
+import unicodedata
 from typing import Sequence
 
 import torch
@@ -27,10 +29,30 @@ log = logging.getLogger(__name__)
 PREFIX = "text_encoder."
 VOCAB_KEY = "text_vocab"
 EMBED_STD = 0.5  # words and positions alike
+WORD = r"[a-z0-9]+"
 
 
 def split_words(prompt: str) -> list[str]:
-    return re.findall(r"[a-z0-9]+", prompt.lower())
+    return re.findall(WORD, prompt.lower())
+
+
+def unreadable_characters(prompt: str) -> set[str]:
+    """The characters `split_words` drops that are neither ASCII nor whitespace nor punctuation (which
+    separate words): emoji, accented and non-Latin letters, other symbols."""
+    return {c for c in re.sub(WORD, "", prompt.lower())
+            if not (c.isascii() or c.isspace() or unicodedata.category(c).startswith("P"))}
+
+
+def prompt_start(prompt: str, words: int = 8) -> str:
+    """The first `words` words of `prompt`, quoted, with "..." when there are more."""
+    parts = prompt.split()
+    return repr(" ".join(parts[:words]) + (" ..." if len(parts) > words else ""))
+
+
+def first_of(items: Sequence[str], limit: int = 20) -> str:
+    """`items` joined with commas, the first `limit` only and then how many more."""
+    more = f" and {len(items) - limit} more" if len(items) > limit else ""
+    return ", ".join(items[:limit]) + more
 
 
 class WordTextEncoder(nn.Module):
@@ -50,19 +72,23 @@ class WordTextEncoder(nn.Module):
         nn.init.normal_(self.embed.weight, std=EMBED_STD)
 
     def token_ids(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """`(B, L)` ids and mask; unknown words are dropped with one warning per call."""
-        rows, unknown = [], []
+        """`(B, L)` ids and mask; unknown words and characters are dropped with one warning each per call."""
+        rows, unknown, strange = [], [], set()
         for prompt in prompts:
             words = split_words(prompt)
             unknown += [w for w in words if w not in self.index]
+            strange |= unreadable_characters(prompt)
             ids = [self.index[w] for w in words if w in self.index]
             if len(ids) > self.max_tokens:
-                log.warning("prompt %r has %d known words; only the first %d are used", prompt, len(ids),
-                            self.max_tokens)
+                log.warning("prompt %s (%d words) has %d known words; only the first %d are used",
+                            prompt_start(prompt), len(words), len(ids), self.max_tokens)
             rows.append(ids[: self.max_tokens])
         if unknown:
             log.warning("unknown words ignored (not in the model's %d-word vocabulary): %s", len(self.vocab),
-                        ", ".join(sorted(set(unknown))))
+                        first_of(sorted(set(unknown))))
+        if strange:
+            log.warning("characters ignored (words are made of a-z and 0-9 only): %s",
+                        first_of([f"{c} (U+{ord(c):04X})" for c in sorted(strange)]))
         length = max(1, max(len(r) for r in rows))
         ids = torch.zeros(len(rows), length, dtype=torch.long)
         mask = torch.zeros(len(rows), length, dtype=torch.bool)
