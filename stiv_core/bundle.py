@@ -24,7 +24,10 @@ from .encoders.words import VOCAB_KEY, WordTextEncoder
 from .model.transformer import STIVTransformer
 from .pipeline import STIVPipeline
 
-BUILTIN_MODELS = {"tiny": Path(__file__).resolve().parent / "weights" / "stiv_tiny.safetensors"}
+_WEIGHTS = Path(__file__).resolve().parent / "weights"
+BUILTIN_MODELS = {"tiny": _WEIGHTS / "stiv_tiny.safetensors",         # video: T2V, TI2V, ... (configs/tiny.toml)
+                  "tiny-mv": _WEIGHTS / "stiv_tiny_mv.safetensors"}   # multi-view (configs/tiny_mv.toml)
+BUILTIN_CONFIGS = {"tiny": "tiny.toml", "tiny-mv": "tiny_mv.toml"}
 VAE_KEY, DEFAULTS_KEY, ENCODERS_KEY = "vae", "sampling_defaults", "trained_with"
 SUPPORTED_VAES = (VAEKind.PIXEL.value,)
 # What a bundle's weights are loaded in unless a caller asks otherwise: the built-in file is stored in
@@ -43,6 +46,7 @@ class SamplingDefaults:
     fps: float = 8.0
     steps: int = 25
     shift: float = 1.0
+    multiview: bool = False   # the frames are views (data/objects.py): frame 0 given, num_frames fixed
 
 
 @dataclass(frozen=True)
@@ -106,7 +110,7 @@ def resolve_model_path(ref: str | os.PathLike) -> Path:
         path = BUILTIN_MODELS[str(ref)]
         if not path.is_file():
             raise FileNotFoundError(f"the built-in {ref!r} model is not in this checkout ({path}); train it with "
-                                    f"python stiv_core/train.py --config stiv_core/configs/tiny.toml")
+                                    f"python stiv_core/train.py --config stiv_core/configs/{BUILTIN_CONFIGS[str(ref)]}")
         return path
     path = Path(ref)
     if not path.is_file():

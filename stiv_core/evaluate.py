@@ -329,7 +329,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     p.add_argument("--json", help="write the results here")
     p.add_argument("--limit", type=int, help="use only the first N prompts")
     p.add_argument("--seeds", type=int, default=1, help="videos per prompt (default 1)")
-    p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
+    p.add_argument("--tasks", nargs="+", choices=[*TASKS, "multiview"],
+                   help=f"default: {' '.join(TASKS)}; 'multiview' (the default of a multi-view model such as "
+                        f"tiny-mv) scores novel views of held-out objects (stiv_core/multiview_bench.py)")
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--guidance", default="jit")
     p.add_argument("--scale", type=float, default=7.5)
@@ -339,6 +341,12 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     p.add_argument("--keyframe-stride", type=int, default=7)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
+    if args.tasks and "multiview" in args.tasks and len(args.tasks) > 1:
+        raise SystemExit("error: --tasks multiview runs on its own (another domain's prompts)")
+    if args.tasks == ["multiview"] or (args.tasks is None and args.model != "groundtruth"
+                                        and load_defaults(resolve_model_path(args.model)).multiview):
+        return _multiview_main(args)
+    args.tasks = args.tasks or list(TASKS)
     prompts = heldout_prompts()
     if args.prompts:
         prompts = [line.strip() for line in Path(args.prompts).read_text().splitlines() if line.strip()]
@@ -358,6 +366,33 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     rows: list[dict] = []
     results = run_bench(model, prompts, config, rows)
     print(f"shapes-bench: {args.model}, {len(prompts)} prompts x {config.seeds} seed(s), {config.num_frames} frames "
+          f"{config.width}x{config.height}")
+    print(format_table(results))
+    if args.json:
+        Path(args.json).write_text(json.dumps({**results, "rows": rows}, indent=2))
+    return results
+
+
+def _multiview_main(args) -> dict:
+    import json
+
+    from .bundle import load_defaults, load_pipeline, resolve_model_path
+    from .multiview_bench import MultiviewConfig, heldout_objects, pipeline_model, run_multiview, true_views
+
+    objects = heldout_objects()[: args.limit] if args.limit else heldout_objects()
+    if args.model == "groundtruth":
+        config = MultiviewConfig(seeds=args.seeds)
+        model = true_views(config)
+    else:
+        path = resolve_model_path(args.model)
+        d = load_defaults(path)
+        config = MultiviewConfig(d.height, d.width, seeds=args.seeds)
+        sampler = SamplerConfig(steps=args.steps, shift=d.shift, guidance=GuidanceConfig(
+            args.guidance, scale=args.scale, image_scale=args.image_scale), clip_denoised=not args.no_clip_denoised)
+        model = pipeline_model(load_pipeline(path), sampler, config)
+    rows: list[dict] = []
+    results = run_multiview(model, config, objects=objects, rows=rows)
+    print(f"multiview-bench: {args.model}, {len(objects)} held-out objects x {config.seeds} seed(s), "
           f"{config.width}x{config.height}")
     print(format_table(results))
     if args.json:

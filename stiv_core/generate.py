@@ -17,7 +17,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from .bundle import LOAD_DTYPE, load_defaults, load_pipeline, resolve_model_path
+from .bundle import LOAD_DTYPE, SamplingDefaults, load_defaults, load_pipeline, resolve_model_path
 from .checkpoint import load_config
 from .conditioning import Task, given_frames
 from .memory import PIXEL_VAE, MemoryOptions, QuantMode, RunShape, WontFitError, apply_memory_options, plan_run
@@ -33,9 +33,9 @@ log = logging.getLogger("stiv_core.generate")
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m stiv_core.generate", description=__doc__.split("\n\n")[0])
-    p.add_argument("--prompt", required=True)
+    p.add_argument("--prompt", help="what the video shows (required, except for a multi-view model)")
     p.add_argument("--out", required=True, help="output .mp4, .gif, .webp, or a folder for PNG frames")
-    p.add_argument("--model", default="tiny", help="'tiny' (built in) or a .safetensors bundle path")
+    p.add_argument("--model", default="tiny", help="'tiny' or 'tiny-mv' (built in), or a .safetensors bundle path")
     p.add_argument("--negative-prompt", default=None, help="replaces the learned empty text in guidance")
     p.add_argument("--image", help="first frame (TI2V)")
     p.add_argument("--last-image", help="last frame (interpolation; with --image: first and last)")
@@ -107,6 +107,9 @@ def make_job(args: argparse.Namespace, model_path: Path) -> Job:
     output_kind(args.out)
     d = load_defaults(model_path)
     frames, height, width = args.frames or d.num_frames, args.height or d.height, args.width or d.width
+    prompt = check_multiview(args, d, frames) if d.multiview else args.prompt
+    if prompt is None:
+        raise ValueError("--prompt is required: describe the video")
     if args.keyframes is not None and args.keyframes < 2:
         raise ValueError(f"--keyframes {args.keyframes}: a long video needs at least 2 keyframes")
     if args.condition_frames and (args.last_image or args.image):
@@ -122,11 +125,27 @@ def make_job(args: argparse.Namespace, model_path: Path) -> Job:
                             guidance=GuidanceConfig(args.guidance, scale=args.scale, image_scale=args.image_scale,
                                                     renormalize=args.renorm),
                             clip_denoised=not args.no_clip_denoised)
-    request = GenerationRequest(args.prompt, frames, height, width, seed=args.seed, sampler=sampler,
+    request = GenerationRequest(prompt, frames, height, width, seed=args.seed, sampler=sampler,
                                 condition=_condition(args, args.keyframes or frames, height, width),
                                 negative_prompt=args.negative_prompt)
     return Job(request, args.keyframes, stride, args.temporal_upsample,
                memory_options(args), fps=args.fps or d.fps * args.temporal_upsample)
+
+
+def check_multiview(args: argparse.Namespace, defaults: SamplingDefaults, frames: int) -> str:
+    """A multi-view model makes its fixed views from one input view (--image); the prompt is optional (it
+    names the object: "a red and blue cube on a gray background"). Returns the prompt."""
+    if frames != defaults.num_frames:
+        raise ValueError(f"--model {args.model} makes {defaults.num_frames} views (the input view, then "
+                         f"{defaults.num_frames - 1} novel ones): --frames must be {defaults.num_frames}, got {frames}")
+    if not args.image:
+        raise ValueError(f"--model {args.model} is a multi-view model: give the input view with --image")
+    others = {"--last-image": args.last_image, "--condition-frames": args.condition_frames,
+              "--keyframes": args.keyframes, "--temporal-upsample 2": args.temporal_upsample == 2}
+    if any(others.values()):
+        raise ValueError(f"--model {args.model} is a multi-view model: it takes --image only, not "
+                         f"{', '.join(k for k, v in others.items() if v)}")
+    return args.prompt or ""
 
 
 def _condition(args: argparse.Namespace, frames: int, height: int, width: int) -> Optional[FrameCondition]:

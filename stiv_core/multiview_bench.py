@@ -17,8 +17,8 @@ from typing import Callable, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from .data.objects import (NUM_VIEWS, OBJECT_COLORS, ObjectParams, all_combinations, held_out, random_params,
-                           render)
+from .data.objects import (NUM_VIEWS, OBJECT_COLORS, ObjectParams, all_combinations, held_out, parse_caption,
+                           random_params, render)
 from .data.shapes import BACKGROUNDS, COLORS
 
 PSNR_CAP = 100.0
@@ -136,3 +136,22 @@ def run_multiview(model: MultiviewModel, config: MultiviewConfig = MultiviewConf
             rows.extend(scored)
         results[name] = {key: mean(r[key] for r in scored) for key in ("psnr", "ssim", "view_acc", "input_psnr")}
     return results
+
+
+def pipeline_model(pipeline, sampler, config: MultiviewConfig) -> MultiviewModel:
+    """A STIVPipeline as a multi-view model: the input view given as frame 0 (TI2V), NUM_VIEWS frames."""
+    from .pipeline import FrameCondition, GenerationRequest, generate
+
+    def make(caption: str, input_view: torch.Tensor, seed: int) -> torch.Tensor:
+        request = GenerationRequest(caption, NUM_VIEWS, config.height, config.width, seed=seed, sampler=sampler,
+                                    condition=FrameCondition(input_view[None, :, None], (0,)))
+        return generate(pipeline, request)[0]
+    return make
+
+
+def true_views(config: MultiviewConfig) -> MultiviewModel:
+    """The self-check model: the true render of the captioned object (it must score ~100%)."""
+
+    def make(caption: str, input_view: torch.Tensor, seed: int) -> torch.Tensor:
+        return truth(parse_caption(caption).combination, config, seed)[1]
+    return make

@@ -40,6 +40,7 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from tqdm.auto import tqdm
 
+from .data.config import DataKind
 from .data.loader import build_dataset, build_loader, mix_seed
 from .data.sample import SampleBatch
 from .bundle import SamplingDefaults, TrainedWith, save_bare_model, save_bundle
@@ -298,7 +299,8 @@ def _export(accelerator: Accelerator, config: TrainConfig, ema: EMA, text_encode
         return None
     path = config.output_path / "model.safetensors"
     frames, height, width = config.data.buckets[0]
-    defaults = SamplingDefaults(num_frames=frames, height=height, width=width, steps=config.sample_steps)
+    defaults = SamplingDefaults(num_frames=frames, height=height, width=width, steps=config.sample_steps,
+                                multiview=config.data.kind == DataKind.OBJECTS)
     dtype = WEIGHT_DTYPES[config.export_dtype]
     if isinstance(text_encoder, WordTextEncoder):
         save_bundle(path, ema_model, text_encoder, defaults=defaults, dtype=dtype)

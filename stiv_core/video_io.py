@@ -30,15 +30,18 @@ def to_uint8_frames(video: torch.Tensor, upscale: int = 1) -> np.ndarray:
 
 
 def output_kind(path: str | Path) -> str:
-    """'mp4', 'gif', 'webp' or 'png' (a folder: no suffix or a trailing slash); else a clear error."""
+    """'mp4', 'gif', 'webp', 'png' (a folder: no suffix or a trailing slash) or 'grid' (a .png file: every frame
+    side by side, e.g. the views of a multi-view model); else a clear error."""
     text = str(path)
     suffix = Path(text).suffix.lower()
     if text.endswith(("/", "\\")) or suffix == "":
         return "png"
+    if suffix == ".png":
+        return "grid"
     if suffix in VIDEO_SUFFIXES:
         return suffix[1:]
-    raise ValueError(f"cannot write {suffix!r} files; supported outputs: {', '.join(VIDEO_SUFFIXES)} "
-                     f"or a folder of PNGs (a path without extension)")
+    raise ValueError(f"cannot write {suffix!r} files; supported outputs: {', '.join(VIDEO_SUFFIXES)}, a .png "
+                     f"(the frames side by side) or a folder of PNGs (a path without extension)")
 
 
 def write_video(path: str | Path, video: torch.Tensor, *, fps: float = 8.0, upscale: int = 1) -> Path:
@@ -54,7 +57,9 @@ def write_video(path: str | Path, video: torch.Tensor, *, fps: float = 8.0, upsc
             Image.fromarray(frame).save(path / f"frame_{i:05d}.png")
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
-    if kind == "mp4":
+    if kind == "grid":
+        Image.fromarray(np.concatenate(list(frames), axis=1)).save(path)
+    elif kind == "mp4":
         _write_mp4(path, frames, fps)
     else:
         images = [Image.fromarray(f) for f in frames]

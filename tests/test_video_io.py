@@ -10,7 +10,7 @@ from PIL import Image
 
 from stiv_core.data.shapes import ShapeParams, render
 from stiv_core.evaluate import psnr
-from stiv_core.video_io import output_kind, read_image, read_video, write_video
+from stiv_core.video_io import output_kind, read_image, read_video, to_uint8_frames, write_video
 
 CLIP = render(ShapeParams("circle", "red", "blue", "left"), 6, 32, 32)
 
@@ -157,3 +157,14 @@ def test_8bit_rgb_reads_exactly_as_before(tmp_path):
     frames = torch.from_numpy(array).permute(2, 0, 1)[None].expand(3, -1, -1, -1)   # uint8, as it used to be
     crop = plan_crop((12, 20), (8, 8), random=False, generator=torch.Generator().manual_seed(0))
     assert torch.equal(sample.pixels, resize_crop(frames, crop, (8, 8)))
+
+
+def test_a_png_file_is_every_frame_side_by_side(tmp_path):
+    video = torch.rand(3, 4, 6, 5) * 2 - 1
+    out = write_video(tmp_path / "views.png", video, upscale=2)
+    assert output_kind("views.png") == "grid" and output_kind("views/") == "png"
+    grid = np.asarray(Image.open(out))
+    assert grid.shape == (12, 4 * 10, 3)
+    frames = to_uint8_frames(video, 2)
+    for i in range(4):
+        assert np.array_equal(grid[:, i * 10 : (i + 1) * 10], frames[i])

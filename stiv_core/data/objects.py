@@ -67,6 +67,15 @@ class ObjectParams:
         return f"a {self.colors[0]} and {self.colors[1]} {self.solid} on a {self.background} background"
 
 
+def parse_caption(caption: str) -> ObjectParams:
+    """The object a caption of this domain names ("a red and blue cube on a gray background"; azimuth 0)."""
+    words = caption.lower().split()
+    if len(words) != 9 or [words[i] for i in (0, 2, 5, 6, 8)] != ["a", "and", "on", "a", "background"]:
+        raise ValueError(f"caption {caption!r} is not of the form 'a COLOUR and COLOUR SOLID on a BACKGROUND "
+                         f"background'")
+    return ObjectParams(words[4], (words[1], words[3]), words[7])
+
+
 def all_combinations() -> list[tuple[str, str, str, str]]:
     """Every (solid, colour of +x, colour of -x, background)."""
     return [(s, a, b, g) for s in SOLIDS for a in OBJECT_COLORS for b in OBJECT_COLORS if a != b
