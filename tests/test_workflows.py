@@ -232,6 +232,22 @@ def test_no_two_nodes_of_a_workflow_overlap(path):
     assert overlapping_nodes(workflow) == []
 
 
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
+def test_given_frames_come_from_the_model_own_t2v_pass(path):
+    """A first run shows the model's domain: no image is loaded from ComfyUI's input/ (its example.png is a
+    768x768 cartoon); every STIV Image Condition's images are frames the workflow's own STIV Decode made."""
+    workflow = json.loads(path.read_text())
+    by_id = {n["id"]: n for n in workflow["nodes"]}
+    source = {(b, b_slot): a for _, a, _, b, b_slot, _ in workflow["links"]}
+    assert not any(n["type"] == "LoadImage" for n in workflow["nodes"])
+    for n in (n for n in workflow["nodes"] if n["type"] == "STIVImageCondition"):
+        for slot, socket in enumerate(n["inputs"]):
+            if socket["type"] == "IMAGE" and socket["link"] is not None:
+                origin = by_id[source[(n["id"], slot)]]
+                assert origin["type"] == "ImageFromBatch", origin
+                assert by_id[source[(origin["id"], 0)]]["type"] == "STIVDecode"
+
+
 def test_the_overlap_check_counts_the_title_bar():
     node = lambda i, x, y: {"id": i, "pos": [x, y], "size": [300, 200]}
     assert overlapping_nodes({"nodes": [node(1, 0, 0), node(2, 300, 0), node(3, 0, 230)]}) == []
