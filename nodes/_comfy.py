@@ -145,10 +145,16 @@ def preview_payload(image: Any, max_size: int = 512) -> tuple[str, Any, int]:
 
 # -- model folders ------------------------------------------------------------------------------
 def register_model_folder() -> None:
-    """Add `models/stiv` to ComfyUI's folders (no-op outside ComfyUI)."""
+    """Add `models/stiv` to ComfyUI's folders, created if absent so a user sees where STIV models go (no-op
+    outside ComfyUI)."""
     fp = _comfy("folder_paths")
     if fp is not None:
-        fp.add_model_folder_path("stiv", os.path.join(fp.models_dir, "stiv"))
+        folder = os.path.join(fp.models_dir, "stiv")
+        try:
+            os.makedirs(folder, exist_ok=True)
+        except OSError as err:   # a read-only models folder: listed anyway, nothing else depends on it
+            log.warning("could not create %s (%s)", folder, err)
+        fp.add_model_folder_path("stiv", folder)
 
 
 def _fallback_dirs() -> list[Path]:

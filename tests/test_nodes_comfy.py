@@ -48,6 +48,26 @@ def test_inside_comfyui_an_interrupt_raises_its_exception_and_empties_its_cache(
     assert sample(model, text(), steps=3)["samples"].shape == (1, 3, 4, 16, 16)
 
 
+def test_models_stiv_is_created_and_only_stiv_checkpoints_are_listed(tmp_path, monkeypatch):
+    """ComfyUI's folders hold a user's other models: the Loader lists the files whose header records a STIV
+    config; models/stiv exists after the pack loads, so a user sees where STIV models go."""
+    from safetensors.torch import save_file
+    import torch
+
+    modules, _ = fake_comfy(tmp_path, [])
+    for name, module in modules.items():
+        monkeypatch.setitem(sys.modules, name, module)
+    other = tmp_path / "diffusion_models"
+    other.mkdir()
+    modules["folder_paths"].add_model_folder_path("diffusion_models", str(other))
+    save_file({"weight": torch.zeros(2)}, str(other / "flux_dev.safetensors"), metadata={"format": "pt"})
+    _comfy.register_model_folder()
+    assert (tmp_path / "stiv").is_dir()
+    write_small_bundle(other)
+    choices = pack_module("nodes").STIVLoader.INPUT_TYPES()["required"]["model_name"][0]
+    assert "flux_dev.safetensors" in _comfy.model_files() and choices == ["tiny (built-in)", MODEL_FILE]
+
+
 def test_the_plan_route_counts_tokens_and_passes(comfyui):
     _, table = comfyui
     assert plan.register_routes() and plan.register_routes()   # a second import adds nothing
