@@ -68,6 +68,24 @@ def test_models_stiv_is_created_and_only_stiv_checkpoints_are_listed(tmp_path, m
     assert "flux_dev.safetensors" in _comfy.model_files() and choices == ["tiny (built-in)", MODEL_FILE]
 
 
+def test_unknown_prompt_words_reach_the_page(comfyui, caplog):
+    """Sent with ComfyUI's send_sync to the browser that queued the prompt (js/stiv.js shows a toast), and
+    still in the server log; nothing is sent once the node has run."""
+    calls, _ = comfyui
+    model = load()
+    with caplog.at_level(logging.WARNING):
+        sample(model, text("a red zigzag circle moving sideways"), steps=1)
+    sent = [c for c in calls if c[0] == "send_sync"]
+    assert sent and all(c[1] == _comfy.WARNING_EVENT and c[3] == "browser-1" for c in sent)
+    unknown = [c[2] for c in sent if "unknown words" in c[2]["message"]]
+    assert unknown and "sideways, zigzag" in unknown[0]["message"]
+    assert unknown[0]["node"] == "STIV Sampler" and unknown[0]["node_id"] == "7"
+    assert any("zigzag" in r.getMessage() for r in caplog.records)
+    calls.clear()
+    logging.getLogger(_comfy.WARNING_LOGGERS[0] + ".encoders.words").warning("after the run")
+    assert not [c for c in calls if c[0] == "send_sync"]
+
+
 def test_the_plan_route_counts_tokens_and_passes(comfyui):
     _, table = comfyui
     assert plan.register_routes() and plan.register_routes()   # a second import adds nothing
