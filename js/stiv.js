@@ -1,9 +1,12 @@
-// The STIV frontend extension: hides inputs the chosen guidance / frames do not use, and shows on the
-// samplers the plan for the current settings (tokens, passes per step, the memory planner's verdict),
-// asked again when the sampler's widgets, its connections or its Loader's settings change.
+// The STIV frontend extension: hides inputs the chosen guidance / frames do not use, shows on the samplers
+// the plan for the current settings (tokens, passes per step, the memory planner's verdict), asked again
+// when the sampler's widgets, its connections or its Loader's settings change, and shows the warnings the
+// server sends while a STIV node runs (unknown prompt words, ...) as toasts.
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
-import { RULES, hiddenInputs, loaderOf, planLines, planQuery, targetsOf } from "./stiv_rules.js";
+import {
+  PLAN_FONT, PLAN_LINE_PX, PLAN_MARGIN_PX, RULES, hiddenInputs, loaderOf, planLines, planQuery, planRows, targetsOf,
+} from "./stiv_rules.js";
 
 const values = (node) => Object.fromEntries((node.widgets || []).map((w) => [w.name, w.value]));
 
@@ -26,7 +29,7 @@ function applyRules(node) {
     if (widget.name in RULES[node.comfyClass]) setWidgetHidden(widget, hidden.has(widget.name));
   }
   if (node.comfyClass === "STIVImageCondition") setSocketShown(node, "last_image", "IMAGE", !hidden.has("last_image"));
-  node.setSize([node.size[0], node.computeSize()[1] + (node.stivPlan ? node.stivPlan.length * 14 + 8 : 0)]);
+  node.setSize([node.size[0], node.computeSize()[1]]);
   (node.graph ?? app.graph)?.setDirtyCanvas?.(true, true);
 }
 
@@ -80,20 +83,40 @@ function watch(node) {
     onConnectionsChange?.apply(this, args);
     changed();
   };
-  if (node.comfyClass !== "STIVImageCondition") {
-    const onDrawForeground = node.onDrawForeground;
-    node.onDrawForeground = function (ctx) {
-      onDrawForeground?.apply(this, arguments);
-      if (!this.stivPlan || this.flags?.collapsed) return;
-      ctx.save();
-      ctx.font = "11px monospace";
-      ctx.fillStyle = "#9ab";
-      this.stivPlan.forEach((line, i) => ctx.fillText(line, 10, this.size[1] - (this.stivPlan.length - i) * 14 + 4));
-      ctx.restore();
-    };
-  }
+  if (node.comfyClass !== "STIVImageCondition") addPlanWidget(node);
   setTimeout(changed, 0); // after the workflow's widget values are set
 }
+
+// The plan as a widget after the node's own: the frontend lays it out with them (the node grows to hold
+// it, also when it is narrowed), and ComfyUI's image / latent preview, a widget added later, goes below it.
+// Its rows are wrapped to the node's width. Never saved in the workflow nor sent with the prompt.
+function addPlanWidget(node) {
+  node.addCustomWidget({
+    name: "stiv_plan", type: "stiv-plan", value: "", serialize: false, options: { serialize: false },
+    rows() {
+      return node.stivPlan && !node.flags?.collapsed ? planRows(node.stivPlan, node.size[0]) : [];
+    },
+    computeSize() {
+      const rows = this.rows().length;
+      return [0, rows ? rows * PLAN_LINE_PX + 4 : -4];
+    },
+    draw(ctx, _node, _width, y) {
+      ctx.save();
+      ctx.font = PLAN_FONT;
+      ctx.fillStyle = "#9ab";
+      this.rows().forEach((row, i) => ctx.fillText(row, PLAN_MARGIN_PX, y + (i + 1) * PLAN_LINE_PX - 3));
+      ctx.restore();
+    },
+  });
+}
+
+// a warning the server sent (nodes/_comfy.py: warnings_to_page) while a STIV node ran
+api.addEventListener("stiv.warning", ({ detail }) => {
+  const where = detail.node_id != null ? `${detail.node} (#${detail.node_id})` : detail.node;
+  const toast = app.extensionManager?.toast;
+  if (toast) toast.add({ severity: "warn", summary: where, detail: detail.message, life: 10000 });
+  else console.warn(`${where}: ${detail.message}`);
+});
 
 app.registerExtension({
   name: "STIV.Nodes",

@@ -77,3 +77,41 @@ export function targetsOf(loader) {
   return ids.map((id) => linkIn(graph, id)).filter(Boolean)
     .map((link) => graph.getNodeById(link.target_id)).filter(Boolean);
 }
+
+// the plan is drawn in 11 px monospace; a character's advance is 0.6 em in the usual monospace fonts
+// (DejaVu Sans Mono, Liberation Mono, Menlo, Consolas), rounded up
+export const PLAN_FONT = "11px monospace";
+export const PLAN_LINE_PX = 14;
+export const PLAN_CHAR_PX = 6.7;
+export const PLAN_MARGIN_PX = 10;
+
+/** `lines` broken at spaces (a word longer than a row, mid-word) so that no row has over `maxChars`; a
+ * line's indentation is kept on each of its rows. */
+export function wrapLines(lines, maxChars) {
+  const rows = [];
+  for (const line of lines) {
+    const indent = line.match(/^ */)[0].slice(0, Math.max(0, Math.floor(maxChars) - 8));
+    const width = Math.max(1, Math.floor(maxChars) - indent.length);
+    let row = "";
+    for (const word of line.slice(indent.length).split(" ")) {
+      const next = row ? `${row} ${word}` : word;
+      if (next.length <= width) {
+        row = next;
+        continue;
+      }
+      if (row) rows.push(indent + row);
+      row = word;
+      while (row.length > width) {
+        rows.push(indent + row.slice(0, width));
+        row = row.slice(width);
+      }
+    }
+    rows.push(indent + row);
+  }
+  return rows;
+}
+
+/** The rows of the plan `lines` on a node `nodeWidth` px wide (a margin each side). */
+export function planRows(lines, nodeWidth) {
+  return wrapLines(lines, (nodeWidth - 2 * PLAN_MARGIN_PX) / PLAN_CHAR_PX);
+}

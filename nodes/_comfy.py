@@ -12,8 +12,9 @@ import importlib
 import logging
 import os
 import threading
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 
@@ -145,10 +146,16 @@ def preview_payload(image: Any, max_size: int = 512) -> tuple[str, Any, int]:
 
 # -- model folders ------------------------------------------------------------------------------
 def register_model_folder() -> None:
-    """Add `models/stiv` to ComfyUI's folders (no-op outside ComfyUI)."""
+    """Add `models/stiv` to ComfyUI's folders, created if absent so a user sees where STIV models go (no-op
+    outside ComfyUI)."""
     fp = _comfy("folder_paths")
     if fp is not None:
-        fp.add_model_folder_path("stiv", os.path.join(fp.models_dir, "stiv"))
+        folder = os.path.join(fp.models_dir, "stiv")
+        try:
+            os.makedirs(folder, exist_ok=True)
+        except OSError as err:   # a read-only models folder: listed anyway, nothing else depends on it
+            log.warning("could not create %s (%s)", folder, err)
+        fp.add_model_folder_path("stiv", folder)
 
 
 def _fallback_dirs() -> list[Path]:
@@ -226,3 +233,45 @@ def add_get_route(path: str, handler: Callable[[dict[str, str]], dict]) -> bool:
 
     instance.routes.get(path)(route)
     return True
+
+
+# -- warnings in the page -----------------------------------------------------------------------
+WARNING_EVENT = "stiv.warning"   # js/stiv.js shows each as a toast
+# the library's loggers are named after its modules, under the package ComfyUI imported the pack as
+_PACK = __name__[: -len(".nodes._comfy")] if __name__.endswith(".nodes._comfy") else ""
+WARNING_LOGGERS = (f"{_PACK}.stiv_core" if _PACK else "stiv_core", "stiv.nodes")
+
+
+class _PageWarnings(logging.Handler):
+    def __init__(self, node: str):
+        super().__init__(logging.WARNING)
+        self.node = node
+
+    def emit(self, record: logging.LogRecord) -> None:
+        send_to_page(WARNING_EVENT, {"node": self.node, "message": record.getMessage()})
+
+
+def send_to_page(event: str, data: dict) -> bool:
+    """`data` to the browser that queued the running prompt (ComfyUI's `send_sync`), with the id of the
+    node running; False outside ComfyUI."""
+    instance = _server()
+    if instance is None or not hasattr(instance, "send_sync"):
+        return False
+    instance.send_sync(event, {**data, "node_id": getattr(instance, "last_node_id", None)},
+                       getattr(instance, "client_id", None))
+    return True
+
+
+@contextmanager
+def warnings_to_page(node: str) -> Iterator[None]:
+    """While `node` runs, the warnings the pack logs (unknown prompt words, resized images, a fallback)
+    also go to the page, not only to the server log."""
+    handler = _PageWarnings(node)
+    loggers = [logging.getLogger(name) for name in WARNING_LOGGERS]
+    for logger in loggers:
+        logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        for logger in loggers:
+            logger.removeHandler(handler)

@@ -2,10 +2,12 @@
 trained with (ComfyUI's CLIP and VAE are then connected), with the low-VRAM options -> STIV_MODEL."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from ..stiv_core.bundle import BUILTIN_MODELS, load_defaults, load_pipeline, read_trained_with, resolve_model_path
-from ..stiv_core.checkpoint import CheckpointError, check_finite, load_model
+from ..stiv_core.checkpoint import CheckpointError, check_finite, is_stiv_checkpoint, load_model
 from ..stiv_core.memory import MemoryOptions, QuantMode, WontFitError, apply_memory_options
 from ..stiv_core.dtypes import WEIGHT_DTYPES
 from ..stiv_core.model.attention import AttentionBackend
@@ -18,8 +20,28 @@ BUILTIN_SUFFIX = " (built-in)"
 DTYPES = {"auto": None, **WEIGHT_DTYPES}
 
 
+# path -> ((mtime_ns, size), is STIV): the combo is listed every time the page asks for the node types
+_listed: dict[str, tuple[tuple[int, int], bool]] = {}
+
+
+def lists_as_stiv(path: Path) -> bool:
+    """Whether `path`'s safetensors header records a STIV config (cached until the file changes)."""
+    try:
+        stat = path.stat()
+    except OSError:
+        return False
+    key = (stat.st_mtime_ns, stat.st_size)
+    cached = _listed.get(str(path))
+    if cached is None or cached[0] != key:
+        cached = _listed[str(path)] = (key, is_stiv_checkpoint(path))
+    return cached[1]
+
+
 def model_choices() -> list[str]:
-    return [name + BUILTIN_SUFFIX for name in BUILTIN_MODELS] + _comfy.model_files()
+    """The built-in models, then the files of the model folders that are STIV checkpoints (a user's other
+    diffusion models in models/diffusion_models are left out)."""
+    files = [n for n in _comfy.model_files() if (p := _comfy.model_path(n)) is not None and lists_as_stiv(p)]
+    return [name + BUILTIN_SUFFIX for name in BUILTIN_MODELS] + files
 
 
 def model_ref(choice: str) -> str:
@@ -64,7 +86,8 @@ class STIVLoader:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "model_name": (model_choices(), {"tooltip": "models/stiv or models/diffusion_models, or the built-in"}),
+            "model_name": (model_choices(), {"tooltip": "the STIV checkpoints in models/stiv or "
+                                                         "models/diffusion_models, or the built-in"}),
             "weight_dtype": (list(DTYPES), {"default": "auto", "tooltip": "auto: float32 on CPU, else ComfyUI's "
                                                                           "choice (bfloat16 where supported)"}),
             "quantization": ([q.value for q in QuantMode], {"default": "none",

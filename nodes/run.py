@@ -194,7 +194,7 @@ def run_sampling(model: STIVModel, conditioning: STIVConditioning, total_steps: 
     try:
         run_shape = shape()
         check_fits(model, run_shape)   # before anything is allocated: a run that won't fit never starts
-        with on_device(model, run_shape):
+        with on_device(model, run_shape), _comfy.warnings_to_page(node):
             return {"samples": work(pipeline, on_step).cpu()}
     except GenerationCancelled:
         failure = None

@@ -17,7 +17,7 @@ import torch
 from safetensors import safe_open
 
 from .checkpoint import CheckpointError, check_safetensors, load_model, read_metadata, save_model, save_state_dict
-from .checkpoint import TEXT_ENCODER_PREFIX, metadata_record, model_metadata
+from .checkpoint import CONFIG_KEY, TEXT_ENCODER_PREFIX, metadata_record, model_metadata
 from .encoders import TextEncoderKind, VAEKind
 from .encoders.pixel import PixelVAE
 from .encoders.words import VOCAB_KEY, WordTextEncoder
@@ -130,6 +130,8 @@ def load_pipeline(ref: str | os.PathLike, *, device: str | torch.device = "cpu",
     `dtype` (None: the stored dtype)."""
     path = resolve_model_path(ref)
     meta = read_metadata(path)
+    if CONFIG_KEY not in meta:
+        raise CheckpointError(f"{path.name}: this is not a STIV checkpoint (no STIV config in its metadata)")
     if VOCAB_KEY not in meta or meta.get(VAE_KEY) not in SUPPORTED_VAES:
         raise CheckpointError(f"{path.name} is a bare STIV model without its text encoder and VAE; load it with "
                               f"stiv_core.checkpoint.load_model and pass your own encoders")

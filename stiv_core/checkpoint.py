@@ -112,6 +112,15 @@ def load_config(path: str | os.PathLike) -> STIVConfig:
         raise CheckpointError(f"{Path(path).name}: its stored STIV config is invalid: {err}") from err
 
 
+def is_stiv_checkpoint(path: str | os.PathLike) -> bool:
+    """Whether the file is a safetensors file whose metadata records a STIV config; reads the header only
+    (a few KB, however large the file), so listing a folder of other models stays cheap."""
+    try:
+        return CONFIG_KEY in read_metadata(path)
+    except CheckpointError:
+        return False
+
+
 def recorded_config(path: str | os.PathLike) -> Optional[STIVConfig]:
     """The STIV config stored in the file's metadata; None when it records none (a plain state dict)."""
     return load_config(path) if CONFIG_KEY in read_metadata(path) else None

@@ -161,7 +161,10 @@ def fake_comfy(models_dir, calls):
 
     routes = RouteTable()
     server = pytypes.ModuleType("server")
-    server.PromptServer = pytypes.SimpleNamespace(instance=pytypes.SimpleNamespace(routes=routes))
+    # send_sync as PromptServer's: event, data, the client id of the browser that queued the prompt
+    send_sync = lambda event, data, sid=None: calls.append(("send_sync", event, data, sid))
+    server.PromptServer = pytypes.SimpleNamespace(instance=pytypes.SimpleNamespace(
+        routes=routes, send_sync=send_sync, client_id="browser-1", last_node_id="7"))
     aiohttp = pytypes.ModuleType("aiohttp")
     aiohttp.web = pytypes.SimpleNamespace(json_response=lambda data, status=200: (status, data))
     comfy = pytypes.ModuleType("comfy")

@@ -465,11 +465,74 @@ def test_the_frontend_opens_every_shared_workflow(page, server, path):
                 assert "tokens x" in n["plan"][0], n["plan"]
         if n["type"] == "STIVInterpolateKeyframes":
             assert n["plan"] is None, n
+    assert overlapping(page.evaluate(BOUNDS)) == [], "nodes drawn over each other once the plans are shown"
+    for layout in page.evaluate(PLAN_LAYOUT):
+        check_plan_layout(layout)
+    assert overlapping(page.evaluate(BOUNDS)) == [], "nodes drawn over each other once a preview is shown"
     errors = [e for e in console_errors(page.events) if "stiv" in e.lower()]
     assert not errors, errors
     folder = os.environ.get("STIV_SCREENSHOT_DIR")
     if folder:
         save_screenshot(page, Path(folder) / f"{path.stem}.png")
+
+
+# every node's rectangle as drawn (boundingRect includes the title bar above pos)
+BOUNDS = "window.app.graph._nodes.map(n => [n.id, ...n.boundingRect])"
+
+# each sampler's plan rows measured as drawn (font from stiv_rules.js), at the node's width and narrowed to
+# 200 px, and where ComfyUI's image preview widget lands once the node has an image (a 512 x 512 one, set
+# on node.imgs as the latent preview does; left there, so the screenshot shows it)
+PLAN_LAYOUT = """(async () => {
+  const rules = await import("/extensions/ComfyUI-STIV/stiv_rules.js");
+  const ctx = document.createElement("canvas").getContext("2d");
+  ctx.font = rules.PLAN_FONT;
+  const picture = document.createElement("canvas");
+  picture.width = picture.height = 512;   // the size ComfyUI's latent previews come at
+  picture.getContext("2d").fillStyle = "#468";
+  picture.getContext("2d").fillRect(0, 0, 512, 512);
+  const image = new Image();
+  image.src = picture.toDataURL();
+  await image.decode();
+  const draw = () => { window.app.canvas.draw(true, true); window.app.canvas.draw(true, true); };
+  const measure = (n) => {
+    const plan = n.widgets.find((w) => w.name === "stiv_plan");
+    const preview = n.widgets.find((w) => w.name === "$$canvas-image-preview");
+    return {width: n.size[0], height: n.size[1], rows: plan.rows(),
+            widest: Math.max(...plan.rows().map((r) => ctx.measureText(r).width)),
+            planTop: plan.y, planBottom: plan.y + plan.computedHeight, previewTop: preview ? preview.y : null};
+  };
+  const out = [];
+  for (const n of window.app.graph._nodes.filter((n) => n.stivPlan)) {
+    const shown = measure(n);
+    n.imgs = [image];
+    n.imageIndex = 0;
+    draw();
+    const previewed = measure(n);
+    n.setSize([200, n.size[1]]);
+    draw();
+    out.push({id: n.id, margin: rules.PLAN_MARGIN_PX, plan: n.stivPlan, shown, previewed, narrow: measure(n)});
+    n.setSize([shown.width, n.size[1]]);   // the preview stays for the screenshot
+    draw();
+  }
+  return out;
+})()"""
+
+
+def overlapping(bounds: list) -> list:
+    return [(a[0], b[0]) for i, a in enumerate(bounds) for b in bounds[i + 1:]
+            if a[1] < b[1] + b[3] and b[1] < a[1] + a[3] and a[2] < b[2] + b[4] and b[2] < a[2] + a[4]]
+
+
+def check_plan_layout(layout: dict) -> None:
+    """The plan's rows fit the node's width and body, at its width and narrowed (the node grows to hold
+    them); ComfyUI's image preview goes below the plan, not over it."""
+    for state in ("shown", "previewed", "narrow"):
+        s = layout[state]
+        assert s["rows"] and s["widest"] + 2 * layout["margin"] <= s["width"] + 0.5, (state, layout)
+        assert s["planBottom"] <= s["height"] + 0.5, (state, layout)
+    assert len(layout["narrow"]["rows"]) >= len(layout["shown"]["rows"]) >= len(layout["plan"]), layout
+    previewed = layout["previewed"]
+    assert previewed["previewTop"] is not None and previewed["previewTop"] >= previewed["planBottom"], layout
 
 
 def save_screenshot(page: Page, target: Path) -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from safetensors.torch import save_file
+
 from tests.pack import (MODEL_FILE, SETTINGS, SIZE, decode, images, load, node, pack_module, sample, text,
                         write_small_bundle)
 
@@ -19,6 +21,8 @@ def model(tmp_path_factory):
     folder = tmp_path_factory.mktemp("models")
     write_small_bundle(folder)
     (folder / "notes.txt").write_text("not a model")
+    # a user's other model beside it: a safetensors file without a STIV config (e.g. an SDXL UNet)
+    save_file({"weight": torch.zeros(2)}, str(folder / "sdxl_unet.safetensors"), metadata={"format": "pt"})
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("STIV_MODEL_DIRS", str(folder))
         yield load()
@@ -28,6 +32,20 @@ def test_loader_lists_only_model_files_and_the_builtin(model):
     choices = nodes.STIVLoader.INPUT_TYPES()["required"]["model_name"][0]
     assert choices == ["tiny (built-in)", MODEL_FILE]
     assert model.defaults.num_frames == 4 and model.pipeline.device.type == "cpu"
+
+
+def test_the_loader_says_a_file_without_a_stiv_config_is_not_stiv(model):
+    with pytest.raises(types.STIVInputError, match=r"this is not a STIV checkpoint \(no STIV config in its metadata\)"):
+        load("sdxl_unet.safetensors")
+
+
+def test_a_file_rewritten_as_stiv_is_listed(model, tmp_path, monkeypatch):
+    """The listing reads each file's header once, until the file changes."""
+    monkeypatch.setenv("STIV_MODEL_DIRS", str(tmp_path))
+    save_file({"weight": torch.zeros(2)}, str(tmp_path / "later.safetensors"))
+    assert nodes.STIVLoader.INPUT_TYPES()["required"]["model_name"][0] == ["tiny (built-in)"]
+    write_small_bundle(tmp_path, name="later.safetensors")
+    assert nodes.STIVLoader.INPUT_TYPES()["required"]["model_name"][0] == ["tiny (built-in)", "later.safetensors"]
 
 
 def test_text_to_video_is_seeded_and_decodes_to_comfy_images(model):

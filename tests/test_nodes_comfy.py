@@ -48,6 +48,44 @@ def test_inside_comfyui_an_interrupt_raises_its_exception_and_empties_its_cache(
     assert sample(model, text(), steps=3)["samples"].shape == (1, 3, 4, 16, 16)
 
 
+def test_models_stiv_is_created_and_only_stiv_checkpoints_are_listed(tmp_path, monkeypatch):
+    """ComfyUI's folders hold a user's other models: the Loader lists the files whose header records a STIV
+    config; models/stiv exists after the pack loads, so a user sees where STIV models go."""
+    from safetensors.torch import save_file
+    import torch
+
+    modules, _ = fake_comfy(tmp_path, [])
+    for name, module in modules.items():
+        monkeypatch.setitem(sys.modules, name, module)
+    other = tmp_path / "diffusion_models"
+    other.mkdir()
+    modules["folder_paths"].add_model_folder_path("diffusion_models", str(other))
+    save_file({"weight": torch.zeros(2)}, str(other / "flux_dev.safetensors"), metadata={"format": "pt"})
+    _comfy.register_model_folder()
+    assert (tmp_path / "stiv").is_dir()
+    write_small_bundle(other)
+    choices = pack_module("nodes").STIVLoader.INPUT_TYPES()["required"]["model_name"][0]
+    assert "flux_dev.safetensors" in _comfy.model_files() and choices == ["tiny (built-in)", MODEL_FILE]
+
+
+def test_unknown_prompt_words_reach_the_page(comfyui, caplog):
+    """Sent with ComfyUI's send_sync to the browser that queued the prompt (js/stiv.js shows a toast), and
+    still in the server log; nothing is sent once the node has run."""
+    calls, _ = comfyui
+    model = load()
+    with caplog.at_level(logging.WARNING):
+        sample(model, text("a red zigzag circle moving sideways"), steps=1)
+    sent = [c for c in calls if c[0] == "send_sync"]
+    assert sent and all(c[1] == _comfy.WARNING_EVENT and c[3] == "browser-1" for c in sent)
+    unknown = [c[2] for c in sent if "unknown words" in c[2]["message"]]
+    assert unknown and "sideways, zigzag" in unknown[0]["message"]
+    assert unknown[0]["node"] == "STIV Sampler" and unknown[0]["node_id"] == "7"
+    assert any("zigzag" in r.getMessage() for r in caplog.records)
+    calls.clear()
+    logging.getLogger(_comfy.WARNING_LOGGERS[0] + ".encoders.words").warning("after the run")
+    assert not [c for c in calls if c[0] == "send_sync"]
+
+
 def test_the_plan_route_counts_tokens_and_passes(comfyui):
     _, table = comfyui
     assert plan.register_routes() and plan.register_routes()   # a second import adds nothing

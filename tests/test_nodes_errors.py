@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from stiv_core.checkpoint import save_model
 from stiv_core.config import preset
@@ -20,6 +21,7 @@ def folder(tmp_path_factory):
     write_small_bundle(folder)
     (folder / "corrupt.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
     (folder / "other.safetensors").write_bytes(b"")
+    save_file({"weight": torch.zeros(2)}, str(folder / "plain.safetensors"))
     save_model(folder / "bare.safetensors", STIVTransformer(preset("tiny", depth=1, hidden_size=32, num_heads=2)))
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("STIV_MODEL_DIRS", str(folder))
@@ -30,6 +32,7 @@ def folder(tmp_path_factory):
     ("corrupt.safetensors", "cannot load 'corrupt.safetensors'"),
     ("other.safetensors", "cannot load 'other.safetensors'"),
     ("bare.safetensors", "without its text encoder"),
+    ("plain.safetensors", r"plain.safetensors: this is not a STIV checkpoint \(no STIV config in its metadata\)"),
     ("gone.safetensors", "no model file 'gone.safetensors'"),
 ])
 def test_wrong_model_files(folder, name, message):

@@ -70,6 +70,13 @@ out.graph = {
   unlinked: rules.loaderOf(unlinked),
   missingLink: rules.linkIn(subSampler.graph, 8),
 };
+// the plan's rows on a 300 px sampler and a narrowed one, for a plan with the long lines the real one has
+const plan = ["64 tokens x 2 passes per step (jit)",
+              "budget: all 139.72 GiB of cuda:0 (ComfyUI's other models are freed before sampling) and 120.00 GiB of host RAM available",
+              "  weights 0.01 GiB + activations 0.02 GiB + ring 0.00 GiB = peak 0.03 GiB", "x".repeat(80), ""];
+out.wrap = {lines: plan, wide: rules.planRows(plan, 300), narrow: rules.planRows(plan, 200),
+            maxChars300: Math.floor((300 - 2 * rules.PLAN_MARGIN_PX) / rules.PLAN_CHAR_PX),
+            maxChars200: Math.floor((200 - 2 * rules.PLAN_MARGIN_PX) / rules.PLAN_CHAR_PX)};
 console.log(JSON.stringify(out));
 """
 
@@ -123,6 +130,18 @@ def test_every_hidden_name_is_an_input_of_its_node(js):
     for kind, names in js["rules"].items():
         spec = nodes.NODE_CLASS_MAPPINGS[kind].INPUT_TYPES()
         assert set(names) <= {*spec["required"], *spec.get("optional", {})}, kind
+
+
+def test_plan_rows_fit_the_node_width_and_keep_every_word(js):
+    """The rows drawn on the sampler fit its width (js/stiv.js draws them in monospace at PLAN_CHAR_PX per
+    character, a margin each side); narrowed, more rows; no text lost, indentation kept."""
+    wrap = js["wrap"]
+    for rows, limit in ((wrap["wide"], wrap["maxChars300"]), (wrap["narrow"], wrap["maxChars200"])):
+        assert max(len(r) for r in rows) <= limit and len(rows) > len(wrap["lines"])
+        assert "".join(rows).replace(" ", "") == "".join(wrap["lines"]).replace(" ", "")
+    assert len(wrap["narrow"]) > len(wrap["wide"])
+    assert any(r.startswith("  weights") for r in wrap["wide"]) and all(
+        r.startswith("  ") for r in wrap["wide"] if "activations" in r or "peak" in r)
 
 
 def test_the_plan_query_is_answered(js, tmp_path, monkeypatch):

@@ -131,6 +131,23 @@ def validate(workflow: dict) -> list[str]:
     return errors
 
 
+# LiteGraph.NODE_TITLE_HEIGHT: the frontend draws a node's title bar above its pos, its body (size) below
+TITLE_HEIGHT = 30
+
+
+def node_rect(n: dict) -> tuple[float, float, float, float]:
+    """(left, top, right, bottom) of a node as drawn: the title bar above pos, then size."""
+    (x, y), (w, h) = n["pos"], n["size"]
+    return x, y - TITLE_HEIGHT, x + w, y + h
+
+
+def overlapping_nodes(workflow: dict) -> list[tuple[int, int]]:
+    """The pairs of node ids whose drawn rectangles overlap (touching edges do not)."""
+    rects = [(n["id"], node_rect(n)) for n in workflow["nodes"]]
+    return [(a, b) for i, (a, ra) in enumerate(rects) for b, rb in rects[i + 1:]
+            if ra[0] < rb[2] and rb[0] < ra[2] and ra[1] < rb[3] and rb[1] < ra[3]]
+
+
 def ends_in_save_video(workflow: dict) -> bool:
     by_id = {n["id"]: n for n in workflow["nodes"]}
     feeds = {(by_id[a]["type"], by_id[b]["type"]) for _, a, _, b, _, _ in workflow["links"]}
@@ -207,6 +224,36 @@ def test_workflow_validates_and_runs_to_a_saved_video(path, builtin_stand_in, tm
     assert len(saved) == 1 and saved[0].is_file()
     video = next(r[0] for i, r in results.items() if r and isinstance(r[0], dict) and "fps" in r[0])
     assert video["images"].shape == (16, 32, 32, 3) and torch.isfinite(video["images"]).all()
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
+def test_no_two_nodes_of_a_workflow_overlap(path):
+    workflow = json.loads(path.read_text())
+    assert overlapping_nodes(workflow) == []
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
+def test_given_frames_come_from_the_model_own_t2v_pass(path):
+    """A first run shows the model's domain: no image is loaded from ComfyUI's input/ (its example.png is a
+    768x768 cartoon); every STIV Image Condition's images are frames the workflow's own STIV Decode made."""
+    workflow = json.loads(path.read_text())
+    by_id = {n["id"]: n for n in workflow["nodes"]}
+    source = {(b, b_slot): a for _, a, _, b, b_slot, _ in workflow["links"]}
+    assert not any(n["type"] == "LoadImage" for n in workflow["nodes"])
+    for n in (n for n in workflow["nodes"] if n["type"] == "STIVImageCondition"):
+        for slot, socket in enumerate(n["inputs"]):
+            if socket["type"] == "IMAGE" and socket["link"] is not None:
+                origin = by_id[source[(n["id"], slot)]]
+                assert origin["type"] == "ImageFromBatch", origin
+                assert by_id[source[(origin["id"], 0)]]["type"] == "STIVDecode"
+
+
+def test_the_overlap_check_counts_the_title_bar():
+    node = lambda i, x, y: {"id": i, "pos": [x, y], "size": [300, 200]}
+    assert overlapping_nodes({"nodes": [node(1, 0, 0), node(2, 300, 0), node(3, 0, 230)]}) == []
+    # 10 px below the first node's body: its title bar (30 px above pos) is drawn over that body
+    assert overlapping_nodes({"nodes": [node(1, 0, 0), node(2, 0, 210)]}) == [(1, 2)]
+    assert overlapping_nodes({"nodes": [node(1, 0, 0), node(2, 299, 100)]}) == [(1, 2)]
 
 
 def test_the_validator_catches_broken_workflows():
