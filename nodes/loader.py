@@ -38,10 +38,10 @@ def lists_as_stiv(path: Path) -> bool:
 
 
 def model_choices() -> list[str]:
-    """The built-in models, then the files of the model folders that are STIV checkpoints (a user's other
+    """The built-in models this checkout has, then the files of the model folders that are STIV checkpoints (a user's other
     diffusion models in models/diffusion_models are left out)."""
     files = [n for n in _comfy.model_files() if (p := _comfy.model_path(n)) is not None and lists_as_stiv(p)]
-    return [name + BUILTIN_SUFFIX for name in BUILTIN_MODELS] + files
+    return [name + BUILTIN_SUFFIX for name, path in BUILTIN_MODELS.items() if path.is_file()] + files
 
 
 def model_ref(choice: str) -> str:
