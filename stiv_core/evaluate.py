@@ -318,7 +318,6 @@ class PipelineModel:
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     import argparse
-    import json
     import logging
 
     from .bundle import load_defaults, load_pipeline, resolve_model_path
@@ -360,22 +359,29 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         d = load_defaults(path)
         config = BenchConfig(d.num_frames, d.height, d.width, args.keyframes, args.keyframe_stride,
                              tasks=tuple(args.tasks), seeds=args.seeds)
-        sampler = SamplerConfig(steps=args.steps, shift=d.shift, guidance=GuidanceConfig(
-            args.guidance, scale=args.scale, image_scale=args.image_scale), clip_denoised=not args.no_clip_denoised)
-        model = PipelineModel(load_pipeline(path), config, sampler)
+        model = PipelineModel(load_pipeline(path), config, _sampler(args, d.shift))
     rows: list[dict] = []
     results = run_bench(model, prompts, config, rows)
-    print(f"shapes-bench: {args.model}, {len(prompts)} prompts x {config.seeds} seed(s), {config.num_frames} frames "
-          f"{config.width}x{config.height}")
+    return _report(f"shapes-bench: {args.model}, {len(prompts)} prompts x {config.seeds} seed(s), {config.num_frames} "
+                   f"frames {config.width}x{config.height}", results, rows, args.json)
+
+
+def _sampler(args, shift: float) -> SamplerConfig:
+    return SamplerConfig(steps=args.steps, shift=shift, guidance=GuidanceConfig(
+        args.guidance, scale=args.scale, image_scale=args.image_scale), clip_denoised=not args.no_clip_denoised)
+
+
+def _report(header: str, results: dict, rows: list[dict], json_path: Optional[str]) -> dict:
+    import json
+
+    print(header)
     print(format_table(results))
-    if args.json:
-        Path(args.json).write_text(json.dumps({**results, "rows": rows}, indent=2))
+    if json_path:
+        Path(json_path).write_text(json.dumps({**results, "rows": rows}, indent=2))
     return results
 
 
 def _multiview_main(args) -> dict:
-    import json
-
     from .bundle import load_defaults, load_pipeline, resolve_model_path
     from .multiview_bench import MultiviewConfig, heldout_objects, pipeline_model, run_multiview, true_views
 
@@ -387,17 +393,11 @@ def _multiview_main(args) -> dict:
         path = resolve_model_path(args.model)
         d = load_defaults(path)
         config = MultiviewConfig(d.height, d.width, seeds=args.seeds)
-        sampler = SamplerConfig(steps=args.steps, shift=d.shift, guidance=GuidanceConfig(
-            args.guidance, scale=args.scale, image_scale=args.image_scale), clip_denoised=not args.no_clip_denoised)
-        model = pipeline_model(load_pipeline(path), sampler, config)
+        model = pipeline_model(load_pipeline(path), _sampler(args, d.shift), config)
     rows: list[dict] = []
     results = run_multiview(model, config, objects=objects, rows=rows)
-    print(f"multiview-bench: {args.model}, {len(objects)} held-out objects x {config.seeds} seed(s), "
-          f"{config.width}x{config.height}")
-    print(format_table(results))
-    if args.json:
-        Path(args.json).write_text(json.dumps({**results, "rows": rows}, indent=2))
-    return results
+    return _report(f"multiview-bench: {args.model}, {len(objects)} held-out objects x {config.seeds} seed(s), "
+                   f"{config.width}x{config.height}", results, rows, args.json)
 
 
 if __name__ == "__main__":

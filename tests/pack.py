@@ -124,6 +124,18 @@ class RouteTable:
         return handlers
 
 
+def install_fake_comfy(tmp_path: Path, monkeypatch) -> tuple[list, "RouteTable"]:
+    """The stand-in ComfyUI patched into sys.modules for one test, the pack's model folder registered and a
+    small bundle in it; returns the calls ComfyUI's stand-ins record and the server's route table."""
+    calls: list = []
+    modules, routes = fake_comfy(tmp_path, calls)
+    for name, module in modules.items():
+        monkeypatch.setitem(sys.modules, name, module)
+    pack_module("nodes._comfy").register_model_folder()
+    write_small_bundle(tmp_path / "stiv")
+    return calls, routes
+
+
 def fake_comfy(models_dir, calls):
     mm = pytypes.ModuleType("comfy.model_management")
     state = {"interrupt": False}

@@ -11,7 +11,7 @@ import types as pytypes
 import pytest
 
 from tests.pack import (MODEL_FILE, ROOT, InterruptProcessingException, fake_comfy, import_copy, import_pack,
-                        load, pack_module, sample, text, write_small_bundle)
+                        install_fake_comfy, load, pack_module, sample, text, write_small_bundle)
 
 
 _comfy = pack_module("nodes._comfy")
@@ -20,13 +20,7 @@ plan = pack_module("nodes.plan")
 
 @pytest.fixture
 def comfyui(tmp_path, monkeypatch):
-    calls = []
-    modules, routes = fake_comfy(tmp_path, calls)
-    for name, module in modules.items():
-        monkeypatch.setitem(sys.modules, name, module)
-    _comfy.register_model_folder()
-    write_small_bundle(tmp_path / "stiv")
-    return calls, routes
+    return install_fake_comfy(tmp_path, monkeypatch)
 
 
 def test_inside_comfyui_models_come_from_its_folders_and_progress_goes_to_its_bar(comfyui):

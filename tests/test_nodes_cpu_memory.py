@@ -5,11 +5,10 @@ free RAM is injected (no test reads this machine's)."""
 from __future__ import annotations
 
 import logging
-import sys
 
 import pytest
 
-from tests.pack import SETTINGS, fake_comfy, load, node, pack_module, sample, text, write_small_bundle
+from tests.pack import SETTINGS, install_fake_comfy, load, node, pack_module, sample, text
 
 
 _comfy = pack_module("nodes._comfy")
@@ -21,13 +20,7 @@ GiB = 2 ** 30
 
 @pytest.fixture
 def comfyui(tmp_path, monkeypatch):
-    calls = []
-    modules, _ = fake_comfy(tmp_path, calls)
-    for name, module in modules.items():
-        monkeypatch.setitem(sys.modules, name, module)
-    _comfy.register_model_folder()
-    write_small_bundle(tmp_path / "stiv")
-    return calls
+    return install_fake_comfy(tmp_path, monkeypatch)[0]
 
 
 def free_ram(monkeypatch, available: int | None, *, total: int = 16 * GiB) -> None:
