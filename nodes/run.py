@@ -4,6 +4,7 @@ memory plan of the run checked against the device (free RAM on the CPU, the whol
 run that cannot fit is refused before it allocates anything."""
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Callable, Iterator, Optional
@@ -46,6 +47,38 @@ def settings_inputs(defaults: Optional[dict] = None) -> dict:
         "renormalize": ("BOOLEAN", {"default": False, "tooltip": "rescale the guided velocity to the "
                                                                   "conditional one's norm"}),
     }
+
+
+NUMERIC_SETTINGS = ("seed", "width", "height", "steps", "shift", "scale", "image_scale")
+
+
+def check_widgets(inputs: dict, *, check_max: bool = True, **values) -> bool | str:
+    """ComfyUI's VALIDATE_INPUTS for numeric widgets: True, or a message naming the first bad input and
+    what its widget allows (a whole number, finite, within min..max). An input given by a link is not
+    known yet (None): the node checks it when it runs. A node that defines VALIDATE_INPUTS for an input
+    takes over ComfyUI's own range check of it, hence the ranges here (`check_max` False: only the minimum,
+    for a value that reached the node, where the maximum is the widget's and the memory plan judges more)."""
+    for name, value in values.items():
+        if value is None:
+            continue
+        kind, options = inputs[name][0], inputs[name][1]
+        whole = isinstance(value, int) and not isinstance(value, bool)
+        if kind == "INT" and not whole:
+            return f"{name} must be a whole number, got {value!r}"
+        if (kind == "FLOAT" and not (whole or isinstance(value, float))) or not math.isfinite(value):
+            return f"{name} must be a finite number, got {value!r}"
+        low, high = options.get("min", -math.inf), options.get("max", math.inf) if check_max else math.inf
+        if not low <= value <= high:
+            allowed = f">= {low}" if high == math.inf else f"between {low} and {high}"
+            return f"{name} must be {allowed}, got {value}"
+    return True
+
+
+def require_widgets(node: str, inputs: dict, **values) -> None:
+    """`check_widgets` when the node runs (a linked value is known by then): STIVInputError naming the input."""
+    problem = check_widgets(inputs, check_max=False, **values)
+    if problem is not True:
+        raise STIVInputError(f"{node}: {problem}")
 
 
 @dataclass(frozen=True)

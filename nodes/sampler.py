@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..stiv_core.pipeline import interpolate_keyframes, long_video_latents
-from .run import SamplingSettings, run_sampling, settings_inputs
+from .run import NUMERIC_SETTINGS, SamplingSettings, check_widgets, require_widgets, run_sampling, settings_inputs
 from .types import STIVConditioning, STIVInputError, STIVModel, require_inputs
 
 
@@ -29,9 +29,19 @@ class STIVSampler:
                                      "frames between generated ones (> 1 for sparse keyframes)"}),
         }}
 
+    @classmethod
+    def VALIDATE_INPUTS(cls, frames=None, frame_stride=None, seed=None, width=None, height=None, steps=None,
+                        shift=None, scale=None, image_scale=None) -> bool | str:
+        """Before the prompt runs: a bad widget value is a validation error naming the input."""
+        return check_widgets(cls.INPUT_TYPES()["required"], frames=frames, frame_stride=frame_stride, seed=seed,
+                             width=width, height=height, steps=steps, shift=shift, scale=scale,
+                             image_scale=image_scale)
+
     def sample(self, model: STIVModel, conditioning: STIVConditioning, frames: int, frame_stride: int,
                **settings):
         require_inputs("STIV Sampler", model=model, conditioning=conditioning)
+        require_widgets("STIV Sampler", self.INPUT_TYPES()["required"], frames=frames, frame_stride=frame_stride,
+                        **{k: settings[k] for k in NUMERIC_SETTINGS})
         s = SamplingSettings(**settings)
 
         def work(pipeline, callback):
@@ -64,9 +74,19 @@ class STIVKeyframeInterpolate:
             **settings_inputs(),
         }}
 
+    @classmethod
+    def VALIDATE_INPUTS(cls, keyframes=None, keyframe_stride=None, seed=None, width=None, height=None, steps=None,
+                        shift=None, scale=None, image_scale=None) -> bool | str:
+        """Before the prompt runs: a bad widget value is a validation error naming the input."""
+        return check_widgets(cls.INPUT_TYPES()["required"], keyframes=keyframes, keyframe_stride=keyframe_stride,
+                             seed=seed, width=width, height=height, steps=steps, shift=shift, scale=scale,
+                             image_scale=image_scale)
+
     def sample(self, model: STIVModel, conditioning: STIVConditioning, keyframes: int, keyframe_stride: int,
                **settings):
         require_inputs("STIV Keyframe -> Interpolate", model=model, conditioning=conditioning)
+        require_widgets("STIV Keyframe -> Interpolate", self.INPUT_TYPES()["required"], keyframes=keyframes,
+                        keyframe_stride=keyframe_stride, **{k: settings[k] for k in NUMERIC_SETTINGS})
         s = SamplingSettings(**settings)
 
         def work(pipeline, callback):
@@ -103,9 +123,18 @@ class STIVInterpolateKeyframes:
             **settings,
         }}
 
+    @classmethod
+    def VALIDATE_INPUTS(cls, keyframe_stride=None, seed=None, steps=None, shift=None, scale=None,
+                        image_scale=None) -> bool | str:
+        """Before the prompt runs: a bad widget value is a validation error naming the input."""
+        return check_widgets(cls.INPUT_TYPES()["required"], keyframe_stride=keyframe_stride, seed=seed, steps=steps,
+                             shift=shift, scale=scale, image_scale=image_scale)
+
     def sample(self, model: STIVModel, conditioning: STIVConditioning, keyframes: dict, keyframe_stride: int,
                **settings):
         require_inputs("STIV Interpolate Keyframes", model=model, conditioning=conditioning)
+        require_widgets("STIV Interpolate Keyframes", self.INPUT_TYPES()["required"], keyframe_stride=keyframe_stride,
+                        **{k: settings[k] for k in NUMERIC_SETTINGS if k in settings})
         keys = keyframe_latents(model, keyframes)
         factor = model.pipeline.vae.spatial_factor
         s = SamplingSettings(width=keys.shape[4] * factor, height=keys.shape[3] * factor, **settings)

@@ -76,6 +76,30 @@ def check_safetensors(path: str | os.PathLike) -> Path:
                           f"expected one of {SAFETENSORS_SUFFIXES}")
 
 
+def safetensors_problem(path: str | os.PathLike) -> Optional[str]:
+    """Why `path` is not a complete safetensors file (None when it is): missing, truncated, an unreadable
+    header, or a size that differs from the one its header's tensor offsets give. Reads only the header."""
+    path = Path(path)
+    if not path.is_file():
+        return "missing"
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        length = struct.unpack("<Q", head)[0] if len(head) == 8 else None
+        if length is None or 8 + length > size:
+            return f"truncated ({size} bytes, shorter than its header)"
+        try:
+            header = json.loads(f.read(length))
+            end = max((int(entry["data_offsets"][1]) for key, entry in header.items() if key != "__metadata__"),
+                      default=0)
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError) as err:
+            return f"unreadable header ({type(err).__name__}: {err})"
+    if 8 + length + end != size:
+        return f"{'truncated' if size < 8 + length + end else 'too long'}: {size} bytes, its header describes " \
+               f"{8 + length + end}"
+    return None
+
+
 def metadata_record(path: str | os.PathLike, meta: Mapping[str, str], key: str, build: Callable[[dict], T]) -> T:
     """The metadata entry `key` (a JSON object) as `build(**fields)` for a dataclass, else `build(object)`;
     a file written by a newer version may carry fields this one does not know (dropped), and a malformed

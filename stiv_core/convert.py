@@ -22,6 +22,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from . import cli
 from .checkpoint import check_keys, check_safetensors, model_metadata, save_state_dict
 from .config import STIVConfig, preset
 from .dtypes import WEIGHT_DTYPES
@@ -171,32 +172,34 @@ def convert_pixart_file(src: str | os.PathLike, out: str | os.PathLike, config: 
     return report
 
 
+@cli.entry_point
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m stiv_core.convert", description=__doc__.split("\n\n")[0])
+    """Convert; a user error exits with status 2 and one line (see cli.py)."""
+    parser = cli.ArgumentParser(prog="python -m stiv_core.convert", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="kind", required=True)
     pixart = sub.add_parser("pixart", help="PixArt-alpha / PixArt-Sigma (original or diffusers key names)")
     pixart.add_argument("src", help="the PixArt .safetensors file")
     pixart.add_argument("--out", required=True, help="the STIV .safetensors file to write")
     pixart.add_argument("--preset", default="XL", help="STIV preset whose sizes the source must match")
-    pixart.add_argument("--heads", type=int, default=PIXART_HEADS, help="the source's attention heads")
-    pixart.add_argument("--temporal-patch", type=int, default=None, help="default: the preset's (1 for [init] t2i)")
-    pixart.add_argument("--max-text-tokens", type=int, default=None,
+    pixart.add_argument("--heads", type=cli.positive_int, default=PIXART_HEADS, help="the source's attention heads")
+    pixart.add_argument("--temporal-patch", type=cli.positive_int, default=None,
+                        help="default: the preset's (1 for [init] t2i)")
+    pixart.add_argument("--max-text-tokens", type=cli.positive_int, default=None,
                         help="default: the source's null-text rows (120 alpha, 300 Sigma), else the preset's")
-    pixart.add_argument("--pooled-text-dim", type=int, default=None,
+    pixart.add_argument("--pooled-text-dim", type=cli.positive_int, default=None,
                         help="width of the pooled text embedding (a new branch): e.g. 768 for a CLIP-L's, "
                              "1280 for a CLIP-G's; default: the preset's")
-    pixart.add_argument("--maskdit-extra-blocks", type=int, default=None,
+    pixart.add_argument("--maskdit-extra-blocks", type=cli.nonnegative_int, default=None,
                         help="MaskDiT's blocks after unmasking (new, random; 2 for a MaskDiT stage); "
                              "default: the preset's")
     pixart.add_argument("--dtype", choices=sorted(WEIGHT_DTYPES), default="float32")
     args = parser.parse_args(argv)
     try:
         config = _config_for(args)
+        cli.writable_output(args.out)
         report = convert_pixart_file(args.src, args.out, config, source_heads=args.heads, dtype=WEIGHT_DTYPES[args.dtype])
-    except (ConversionError, ValueError, FileNotFoundError) as err:
-        parser.exit(2, f"error: {err}\n")
     except SafetensorError as err:   # a truncated or corrupt file past its header check
-        parser.exit(2, f"error: {args.src} is not a readable safetensors file ({err})\n")
+        raise ValueError(f"{args.src} is not a readable safetensors file ({err})") from None
     print(report.text())
     kind = "'t2i' (inflated along time) or 'full'" if config.temporal_patch == 1 else "'full'"
     print(f"wrote {args.out} with its STIV config ({config.num_heads} heads, {config.max_text_tokens} text tokens "

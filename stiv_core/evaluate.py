@@ -20,6 +20,7 @@ from typing import Optional, Protocol, Sequence
 import torch
 import torch.nn.functional as F
 
+from . import cli
 from .data.shapes import (BACKGROUNDS, COLORS, DIRECTIONS, SHAPES, all_combinations, caption_for, held_out,
                           ShapeParams, parse_caption, random_params, render, shape_mask)
 from .pipeline import FrameCondition, GenerationRequest, STIVPipeline, generate, generate_long
@@ -316,32 +317,36 @@ class PipelineModel:
         return generate_long(self.pipeline, request, keyframes=keyframes, stride=stride)[0]
 
 
+@cli.entry_point
 def main(argv: Optional[Sequence[str]] = None) -> dict:
-    import argparse
+    """The results; a user error exits with status 2 and one line, before the model loads (see cli.py)."""
     import logging
 
     from .bundle import load_defaults, load_pipeline, resolve_model_path
+    from .checkpoint import load_config
+    from .pipeline import check_long_video
+    from .sampling import GuidanceMode
 
-    p = argparse.ArgumentParser(prog="python -m stiv_core.evaluate", description="shapes-bench")
+    p = cli.ArgumentParser(prog="python -m stiv_core.evaluate", description="shapes-bench")
     p.add_argument("--model", default="tiny", help="'tiny', a bundle path, or 'groundtruth' (self-check)")
     p.add_argument("--prompts", help="a text file, one caption per line (default: the held-out prompts)")
     p.add_argument("--json", help="write the results here")
-    p.add_argument("--limit", type=int, help="use only the first N prompts")
-    p.add_argument("--seeds", type=int, default=1, help="videos per prompt (default 1)")
+    p.add_argument("--limit", type=cli.positive_int, help="use only the first N prompts")
+    p.add_argument("--seeds", type=cli.positive_int, default=1, help="videos per prompt (default 1)")
     p.add_argument("--tasks", nargs="+", choices=[*TASKS, "multiview"],
                    help=f"default: {' '.join(TASKS)}; 'multiview' (the default of a multi-view model such as "
                         f"tiny-mv) scores novel views of held-out objects (stiv_core/multiview_bench.py)")
-    p.add_argument("--steps", type=int, default=25)
-    p.add_argument("--guidance", default="jit")
-    p.add_argument("--scale", type=float, default=7.5)
-    p.add_argument("--image-scale", type=float, default=1.5)
+    p.add_argument("--steps", type=cli.positive_int, default=25)
+    p.add_argument("--guidance", default="jit", choices=[m.value for m in GuidanceMode])
+    p.add_argument("--scale", type=cli.finite_float, default=7.5)
+    p.add_argument("--image-scale", type=cli.finite_float, default=1.5)
     p.add_argument("--no-clip-denoised", action="store_true", help="sampler: no clamp of clean estimates")
-    p.add_argument("--keyframes", type=int, default=16)
-    p.add_argument("--keyframe-stride", type=int, default=7)
+    p.add_argument("--keyframes", type=cli.positive_int, default=16)
+    p.add_argument("--keyframe-stride", type=cli.positive_int, default=7)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     if args.tasks and "multiview" in args.tasks and len(args.tasks) > 1:
-        raise SystemExit("error: --tasks multiview runs on its own (another domain's prompts)")
+        raise ValueError("--tasks multiview runs on its own (its objects are another domain than the shapes)")
     if args.tasks == ["multiview"] or (args.tasks is None and args.model != "groundtruth"
                                         and load_defaults(resolve_model_path(args.model)).multiview):
         return _multiview_main(args)
@@ -349,7 +354,11 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     prompts = heldout_prompts()
     if args.prompts:
         prompts = [line.strip() for line in Path(args.prompts).read_text().splitlines() if line.strip()]
+        if not prompts:
+            raise ValueError(f"--prompts {args.prompts}: no captions in it (one per line)")
     prompts = prompts[: args.limit] if args.limit else prompts
+    if args.json:
+        cli.writable_output(args.json)
     if args.model == "groundtruth":
         config = BenchConfig(keyframes=args.keyframes, stride=args.keyframe_stride, tasks=tuple(args.tasks),
                              seeds=args.seeds)
@@ -357,6 +366,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     else:
         path = resolve_model_path(args.model)
         d = load_defaults(path)
+        if "long" in args.tasks:
+            check_long_video(load_config(path).temporal_patch, args.keyframes, args.keyframe_stride)
         config = BenchConfig(d.num_frames, d.height, d.width, args.keyframes, args.keyframe_stride,
                              tasks=tuple(args.tasks), seeds=args.seeds)
         model = PipelineModel(load_pipeline(path), config, _sampler(args, d.shift))
@@ -386,6 +397,8 @@ def _multiview_main(args) -> dict:
     from .multiview_bench import MultiviewConfig, heldout_objects, pipeline_model, run_multiview, true_views
 
     objects = heldout_objects()[: args.limit] if args.limit else heldout_objects()
+    if args.json:
+        cli.writable_output(args.json)
     if args.model == "groundtruth":
         config = MultiviewConfig(seeds=args.seeds)
         model = true_views(config)

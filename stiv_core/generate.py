@@ -10,21 +10,21 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
 
+from . import cli
 from .bundle import LOAD_DTYPE, SamplingDefaults, load_defaults, load_pipeline, resolve_model_path
 from .checkpoint import load_config
 from .conditioning import Task, given_frames
-from .memory import PIXEL_VAE, MemoryOptions, QuantMode, RunShape, WontFitError, apply_memory_options, plan_run
+from .memory import PIXEL_VAE, MemoryOptions, QuantMode, RunShape, apply_memory_options, plan_run
 from .memory.options import resolve_device, resolve_quant
 from .model.attention import AttentionBackend
-from .pipeline import (FrameCondition, GenerationRequest, STIVPipeline, check_long_video, long_video_latents,
-                       temporal_upsample_latents)
+from .pipeline import (FrameCondition, GenerationRequest, STIVPipeline, check_long_video, check_temporal_upsample,
+                       check_video_size, long_video_latents, temporal_upsample_latents)
 from .sampling import GuidanceConfig, GuidanceMode, SamplerConfig, StepInfo, Stepper
 from .video_io import output_kind, read_image, write_video
 
@@ -32,7 +32,7 @@ log = logging.getLogger("stiv_core.generate")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m stiv_core.generate", description=__doc__.split("\n\n")[0])
+    p = cli.ArgumentParser(prog="python -m stiv_core.generate", description=__doc__.split("\n\n")[0])
     p.add_argument("--prompt", help="what the video shows (required, except for a multi-view model)")
     p.add_argument("--out", required=True, help="output .mp4, .gif, .webp, or a folder for PNG frames")
     p.add_argument("--model", default="tiny", help="'tiny' or 'tiny-mv' (built in), or a .safetensors bundle path")
@@ -40,21 +40,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image", help="first frame (TI2V)")
     p.add_argument("--last-image", help="last frame (interpolation; with --image: first and last)")
     p.add_argument("--condition-frames", nargs="+", metavar="PATH", help="first k frames (video prediction)")
-    p.add_argument("--keyframes", type=int, help="long video: this many keyframes, then interpolation")
-    p.add_argument("--keyframe-stride", type=int, default=None, help="frames between keyframes (default: frames - 1)")
+    p.add_argument("--keyframes", type=int, help="long video: this many keyframes (>= 2), then interpolation")
+    p.add_argument("--keyframe-stride", type=cli.positive_int, default=None,
+                   help="frames between keyframes (default: frames - 1)")
     p.add_argument("--temporal-upsample", type=int, choices=(1, 2), default=1, help="2 doubles the frame rate")
-    p.add_argument("--frames", type=int), p.add_argument("--height", type=int), p.add_argument("--width", type=int)
-    p.add_argument("--steps", type=int), p.add_argument("--shift", type=float)
+    # the sizes and sampler settings: omitted = the model's recorded default
+    p.add_argument("--frames", type=cli.positive_int, help="default: the model's")
+    p.add_argument("--height", type=cli.positive_int, help="pixels; default: the model's")
+    p.add_argument("--width", type=cli.positive_int, help="pixels; default: the model's")
+    p.add_argument("--steps", type=cli.positive_int, help="sampling steps; default: the model's")
+    p.add_argument("--shift", type=cli.positive_float, help="time shift (> 0); default: the model's")
     p.add_argument("--stepper", choices=[s.value for s in Stepper], default="euler")
     p.add_argument("--guidance", choices=[m.value for m in GuidanceMode], default="jit")
-    p.add_argument("--scale", type=float, default=7.5, help="guidance scale (text, or text+image for jit)")
-    p.add_argument("--image-scale", type=float, default=1.5, help="SIT-CFG image scale")
+    p.add_argument("--scale", type=cli.finite_float, default=7.5, help="guidance scale (text, or text+image for jit)")
+    p.add_argument("--image-scale", type=cli.finite_float, default=1.5, help="SIT-CFG image scale")
     p.add_argument("--renorm", action="store_true", help="CFG renormalisation to the conditional norm")
     p.add_argument("--no-clip-denoised", action="store_true",
                    help="don't clamp each step's clean estimate to the pixel range (pixel-space models)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--fps", type=float)
-    p.add_argument("--upscale", type=int, default=1, help="enlarge the written frames (nearest neighbour)")
+    p.add_argument("--seed", type=seed, default=0, help=f"0 .. {MAX_SEED}")
+    p.add_argument("--fps", type=cli.positive_float, help="of the written video; default: the model's x the upsampling")
+    p.add_argument("--upscale", type=cli.positive_int, default=1,
+                   help="enlarge the written frames this many times (nearest neighbour)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (CUDA falls back to the CPU, logged)")
     low = p.add_argument_group("low VRAM")
     low.add_argument("--quant", choices=[q.value for q in QuantMode], default="none",
@@ -65,6 +71,16 @@ def build_parser() -> argparse.ArgumentParser:
     low.add_argument("--plan-only", action="store_true", help="print the memory plan and exit")
     low.add_argument("--force", action="store_true", help="run even when the plan says it will not fit")
     return p
+
+
+MAX_SEED = 2 ** 63 - 1   # as the nodes' seed widget (long videos add window indices to it)
+
+
+def seed(text: str) -> int:
+    value = cli.nonnegative_int(text)
+    if value > MAX_SEED:
+        raise argparse.ArgumentTypeError(f"{value}: must be at most {MAX_SEED}")
+    return value
 
 
 @dataclass(frozen=True)
@@ -103,10 +119,13 @@ def print_plan(model_path: Path, job: Job) -> None:
 
 
 def make_job(args: argparse.Namespace, model_path: Path) -> Job:
-    """Everything checked before the model loads: a bad argument never costs a model load."""
-    output_kind(args.out)
-    d = load_defaults(model_path)
-    frames, height, width = args.frames or d.num_frames, args.height or d.height, args.width or d.width
+    """Everything checked before the model loads (against the config its file records): a bad argument
+    never costs a model load. An option left out (None) is the model's default."""
+    kind = output_kind(args.out)
+    d, config = load_defaults(model_path), load_config(model_path)
+    frames, height, width = (d.num_frames if args.frames is None else args.frames,
+                             d.height if args.height is None else args.height,
+                             d.width if args.width is None else args.width)
     prompt = check_multiview(args, d, frames) if d.multiview else args.prompt
     if prompt is None:
         raise ValueError("--prompt is required: describe the video")
@@ -118,18 +137,27 @@ def make_job(args: argparse.Namespace, model_path: Path) -> Job:
     if args.keyframes is not None and args.condition_frames:
         raise ValueError("--condition-frames and --keyframes: the keyframe pass places frames a stride apart, "
                          "not consecutive ones; condition a long video with --image / --last-image")
-    stride = args.keyframe_stride or frames - 1
+    stride = frames - 1 if args.keyframe_stride is None else args.keyframe_stride
     if args.keyframes is not None:
-        check_long_video(load_config(model_path).temporal_patch, args.keyframes, stride)
-    sampler = SamplerConfig(steps=args.steps or d.steps, shift=args.shift or d.shift, stepper=args.stepper,
+        check_long_video(config.temporal_patch, args.keyframes, stride)
+    check_video_size(config, PIXEL_VAE.spatial_factor, args.keyframes or frames, height, width)  # the first pass
+    length = frames if args.keyframes is None else (args.keyframes - 1) * stride + 1
+    if args.temporal_upsample == 2:
+        check_temporal_upsample(config.temporal_patch, frames, length)
+    resolve_device(args.device)   # an unknown device name: the ones available here
+    sampler = SamplerConfig(steps=d.steps if args.steps is None else args.steps,
+                            shift=d.shift if args.shift is None else args.shift, stepper=args.stepper,
                             guidance=GuidanceConfig(args.guidance, scale=args.scale, image_scale=args.image_scale,
                                                     renormalize=args.renorm),
                             clip_denoised=not args.no_clip_denoised)
     request = GenerationRequest(prompt, frames, height, width, seed=args.seed, sampler=sampler,
                                 condition=_condition(args, args.keyframes or frames, height, width),
                                 negative_prompt=args.negative_prompt)
-    return Job(request, args.keyframes, stride, args.temporal_upsample,
-               memory_options(args), fps=args.fps or d.fps * args.temporal_upsample)
+    memory = memory_options(args)
+    # last, as it may create the output's folder (not for a plan)
+    cli.writable_output(args.out, folder=kind == "png", create=not args.plan_only)
+    return Job(request, args.keyframes, stride, args.temporal_upsample, memory,
+               fps=d.fps * args.temporal_upsample if args.fps is None else args.fps)
 
 
 def check_multiview(args: argparse.Namespace, defaults: SamplingDefaults, frames: int) -> str:
@@ -209,20 +237,18 @@ def prepare(model_path: Path, job: Job) -> tuple[STIVPipeline, Job]:
     return pipeline, replace(job, decode_chunk=max(1, chunk))
 
 
+@cli.entry_point
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """0 when the video is written; a user error exits with status 2 and one line (see `cli`)."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        model_path = resolve_model_path(args.model)
-        job = make_job(args, model_path)
-        if args.plan_only:
-            print_plan(model_path, job)
-            return 0
-        pipeline, job = prepare(model_path, job)
-        video = run(pipeline, job)
-    except (ValueError, FileNotFoundError, WontFitError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    model_path = resolve_model_path(args.model)
+    job = make_job(args, model_path)
+    if args.plan_only:
+        print_plan(model_path, job)
+        return 0
+    pipeline, job = prepare(model_path, job)
+    video = run(pipeline, job)
     out = write_video(args.out, video, fps=job.fps, upscale=args.upscale)
     print(f"wrote {out} ({video.shape[1]} frames, {video.shape[3]}x{video.shape[2]} px)")
     return 0

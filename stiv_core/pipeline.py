@@ -13,7 +13,8 @@ import torch
 
 from .conditioning import FrameReplacementPlan, MicroConditions, Task
 from .interfaces import TextEmbedding, TextEncoder, VideoVAE
-from .model.transformer import STIVTransformer
+from .config import STIVConfig
+from .model.transformer import STIVTransformer, token_grid
 from .sampling import SampleInputs, SamplerConfig, sample
 from .sampling.sampler import StepCallback
 
@@ -71,14 +72,9 @@ class STIVPipeline:
 
     def latent_shape(self, batch: int, num_frames: int, height: int, width: int) -> tuple[int, ...]:
         """Latent shape for a pixel size; raises with the allowed sizes when they don't fit."""
-        f, p = self.vae.spatial_factor, self.model.config.patch_size
-        if height % (f * p) or width % (f * p):
-            raise ValueError(f"{width}x{height} px: width and height must be multiples of {f * p} "
-                             f"(VAE factor {f} x patch {p}); e.g. {width - width % (f * p) or f * p}x"
-                             f"{height - height % (f * p) or f * p}")
-        shape = (batch, self.vae.latent_channels, num_frames, height // f, width // f)
-        self.model.token_grid(shape)
-        return shape
+        check_video_size(self.model.config, self.vae.spatial_factor, num_frames, height, width)
+        f = self.vae.spatial_factor
+        return (batch, self.vae.latent_channels, num_frames, height // f, width // f)
 
     def plan(self, request: GenerationRequest, batch: int) -> FrameReplacementPlan:
         cond = request.condition
@@ -125,6 +121,19 @@ class STIVPipeline:
             if on_chunk is not None:
                 on_chunk(done, len(starts))
         return torch.cat(chunks, dim=2)
+
+
+def check_video_size(config: STIVConfig, spatial_factor: int, num_frames: int, height: int, width: int) -> None:
+    """Whether a `config` model with a VAE of `spatial_factor` pixels per latent samples `num_frames` frames
+    of `height x width` px; raises with the allowed sizes when not (the config suffices: no weights)."""
+    f, p = spatial_factor, config.patch_size
+    if min(num_frames, height, width) < 1:
+        raise ValueError(f"{num_frames} frames of {width}x{height} px: frames, width and height must be >= 1")
+    if height % (f * p) or width % (f * p):
+        raise ValueError(f"{width}x{height} px: width and height must be multiples of {f * p} "
+                         f"(VAE factor {f} x patch {p}); e.g. {width - width % (f * p) or f * p}x"
+                         f"{height - height % (f * p) or f * p}")
+    token_grid(config, (num_frames, height // f, width // f))
 
 
 def seeded_noise(shape: Sequence[int], seed: int) -> torch.Tensor:
@@ -186,6 +195,19 @@ def check_long_video(pt: int, keyframes: Optional[int], stride: int) -> None:
                          f"({stride + 1}, the frames of each interpolated window) must be multiples of {pt}")
 
 
+def check_temporal_upsample(pt: int, num_frames: int, video_frames: int) -> int:
+    """The window (frames) in which TUP doubles the frame rate of a `video_frames`-frame video sampled in
+    windows of at most `num_frames` frames by a model of temporal patch `pt`; a clear error if none fits."""
+    if video_frames < 2:
+        raise ValueError(f"temporal upsampling needs a video of at least 2 frames, got {video_frames}")
+    window = min(num_frames, 2 * video_frames)
+    window -= window % 2
+    if window < 4 or window % pt:
+        raise ValueError(f"temporal upsampling needs an even window of at least 4 frames that is a multiple of "
+                         f"the temporal patch {pt}; got {num_frames} frames for a {video_frames}-frame video")
+    return window
+
+
 TUP_SEED_OFFSET = 1_000_003  # temporal-upsampling windows draw noise apart from every other pass
 
 
@@ -199,15 +221,8 @@ def temporal_upsample_latents(pipeline: STIVPipeline, request: GenerationRequest
     so its noise never repeats the base pass's (seed) or a long video's windows (seed + 1 + i).
     """
     t = latents.shape[2]
-    if t < 2:
-        raise ValueError(f"temporal upsampling needs a video of at least 2 frames, got {t}")
+    window = check_temporal_upsample(pipeline.model.config.temporal_patch, request.num_frames, t)
     length = 2 * t - 1
-    pt = pipeline.model.config.temporal_patch
-    window = min(request.num_frames, length + 1)
-    window -= window % 2
-    if window < 4 or window % pt:
-        raise ValueError(f"temporal upsampling needs an even window of at least 4 frames that is a multiple of "
-                         f"the temporal patch {pt}; got {request.num_frames} frames for a {t}-frame video")
     starts = list(range(0, length - 1 - (window - 2), window - 2)) or [0]
     if starts[-1] + window - 2 < length - 1:
         starts.append(length - 1 - (window - 2))  # the last window ends on the last given frame

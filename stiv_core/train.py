@@ -40,6 +40,7 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from tqdm.auto import tqdm
 
+from . import cli
 from .data.config import DataKind
 from .data.loader import build_dataset, build_loader, mix_seed
 from .data.sample import SampleBatch
@@ -59,8 +60,8 @@ from .training.recipe import TrainBatch, frozen_parameter_names, training_loss
 from .training.samples import write_samples
 from .training.full_state import (configure_sharding, full_model_state, full_optimizer_state, load_full_model_state,
                                  load_full_optimizer_state, parameter_names)
-from .training.state import (Snapshot, TrainerState, latest_checkpoint, read_checkpoint, remove_incomplete,
-                             save_checkpoint)
+from .training.state import (Snapshot, TrainerState, read_checkpoint, remove_incomplete, save_checkpoint,
+                             usable_checkpoint)
 
 log = logging.getLogger("stiv_core.train")
 
@@ -73,8 +74,11 @@ class TrainResult:
     model_path: Optional[Path] = None                   # the exported EMA model
 
 
+@cli.entry_point
 def main(argv: Optional[Sequence[str]] = None) -> TrainResult:
-    parser = argparse.ArgumentParser(description="Train or finetune a STIV model.")
+    """A user error (a bad config value, an unwritable output_dir, no usable checkpoint) exits with status
+    2 and one line before anything is built, or when the build finds it (see `cli`)."""
+    parser = cli.ArgumentParser(prog="python stiv_core/train.py", description="Train or finetune a STIV model.")
     parser.add_argument("--config", required=True, help="TOML file (see stiv_core/configs/)")
     parser.add_argument("--resume", action=argparse.BooleanOptionalAction, default=None,
                         help="same as resume=true/false")
@@ -82,10 +86,7 @@ def main(argv: Optional[Sequence[str]] = None) -> TrainResult:
     args = parser.parse_args(argv)
     overrides = list(args.overrides) + ([f"resume={str(args.resume).lower()}"] if args.resume is not None else [])
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    try:
-        config = load_config(args.config, overrides)
-    except ConfigError as err:
-        parser.error(str(err))  # exits with status 2 before anything is built
+    config = load_config(args.config, overrides)   # a ConfigError: before anything is built
     try:
         return train(config)
     except Stopped as stopped:   # asked to stop and saved: a message and the signal's exit status, no traceback
@@ -94,6 +95,7 @@ def main(argv: Optional[Sequence[str]] = None) -> TrainResult:
 
 
 def train(config: TrainConfig) -> TrainResult:
+    check_output_dir(config)
     accelerator = Accelerator(mixed_precision=config.mixed_precision.value,
                               log_with="tensorboard" if _has_tensorboard() else None,
                               project_dir=config.output_dir)
@@ -221,12 +223,28 @@ def encode_batch(batch: SampleBatch, text_encoder: TextEncoder, vae: VideoVAE, c
     return TrainBatch(latents, text, batch.micro.to(device))
 
 
+def check_output_dir(config: TrainConfig) -> None:
+    """output_dir must be a folder this process can write (created if missing): a ConfigError before any work."""
+    try:
+        cli.writable_output(config.output_dir, folder=True)
+    except (ValueError, OSError) as err:
+        raise ConfigError(f"output_dir: {err}") from None
+
+
 def _resume_point(config: TrainConfig) -> Optional[Path]:
+    """The newest complete and readable checkpoint (damaged newer ones are logged and left in place)."""
     remove_incomplete(config.output_dir)
-    found = latest_checkpoint(config.output_dir)
-    if found is not None and not config.resume:
+    found, damaged = usable_checkpoint(config.output_dir)
+    if (found or damaged) and not config.resume:
+        newest = damaged[0][0] if damaged else found
         raise ConfigError(f"resume is false but {config.output_dir} already holds checkpoints (newest "
-                          f"{found.name}): set resume=true to continue, or choose another output_dir")
+                          f"{newest.name}): set resume=true to continue, or choose another output_dir")
+    for path, why in damaged:
+        log.warning("skipping the damaged checkpoint %s (%s); it is left in place", path.name, why)
+    if found is None and damaged:
+        raise ConfigError(f"no usable checkpoint to resume from in {config.output_dir}: every one is damaged "
+                          f"({'; '.join(f'{p.name}: {why}' for p, why in damaged)}); to start fresh, choose "
+                          f"another output_dir (or move the step_* folders out of {config.output_dir}/checkpoints)")
     return found
 
 

@@ -75,7 +75,11 @@ def test_bundle_metadata_from_a_newer_version_or_malformed(bundle, tmp_path):
 
 
 def run(args):
-    return cli.main([str(a) for a in args])
+    """The command's exit status: 0 from main, or the status a user error exits with (2)."""
+    try:
+        return cli.main([str(a) for a in args])
+    except SystemExit as exit:
+        return exit.code
 
 
 def test_t2v_writes_a_video_with_the_model_defaults(bundle, tmp_path):

@@ -70,7 +70,9 @@ def test_the_issue_case_builtin_model_1024_frames_at_256px_is_refused_by_the_nod
     assert steps_run(comfyui) == 0
     out = tmp_path / "x.mp4"
     args = ["--prompt", "a red circle", "--frames", "1024", "--width", "256", "--height", "256", "--out", str(out)]
-    assert generate.main(args) == 2 and "DOES NOT FIT" in capsys.readouterr().err and not out.exists()
+    with pytest.raises(SystemExit) as exited:   # a user error: one line and exit status 2
+        generate.main(args)
+    assert exited.value.code == 2 and "DOES NOT FIT" in capsys.readouterr().err and not out.exists()
 
 
 @pytest.mark.parametrize("margin,fits", [(-4096, False), (4096, True)])
@@ -85,7 +87,11 @@ def test_the_cli_and_the_nodes_decide_the_same_at_the_boundary(comfyui, monkeypa
     free_ram(monkeypatch, peak - weights + margin)
     args = ["--prompt", "a red circle", "--frames", "4", "--width", "32", "--height", "32", "--steps", "1",
             "--seed", "3", "--scale", "4.0", "--out", str(tmp_path / "x.gif")]
-    assert (generate.main(args) == 0) == fits
+    try:
+        status = generate.main(args)
+    except SystemExit as exited:   # a user error (this one: the run does not fit) exits with status 2
+        status = exited.code
+    assert (status == 0) == fits
     try:
         sample(model, text(), frames=4, width=32, height=32, steps=1)
         node_fits = True

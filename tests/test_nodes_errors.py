@@ -74,14 +74,14 @@ def test_bad_sampler_inputs_then_a_good_run(folder):
         (dict(cond=node("STIVImageCondition")(text(), images(3), "keyframes", 2)[0]), "need frames \\[0, 2, 4\\]"),
         (dict(frames=5), "STIV Sampler: 5 latent frames do not fit temporal patch 2"),
         (dict(width=18), "STIV Sampler: 18x16 px: width and height must be multiples of 4"),
-        (dict(scale=float("nan")), "guidance scale must be a finite number"),
+        (dict(scale=float("nan")), "STIV Sampler: scale must be a finite number"),
         (dict(guidance="pag"), "unknown guidance mode 'pag'"),
     ]
     for change, message in cases:
         cond = change.pop("cond", text())
         with pytest.raises(Err, match=message):
             sample(model, cond, **change)
-    with pytest.raises(Err, match="a long video needs at least 2 keyframes"):
+    with pytest.raises(Err, match="STIV Keyframe -> Interpolate: keyframes must be >= 2, got 1"):
         node("STIVKeyframeInterpolate")(model, text(), keyframes=1, keyframe_stride=3, **SETTINGS)
     with pytest.raises(Err, match="keyframe count \\(2\\) and stride \\+ 1 \\(3, the frames"):
         node("STIVKeyframeInterpolate")(model, text(), keyframes=2, keyframe_stride=2, **SETTINGS)
@@ -184,3 +184,28 @@ def test_nan_in_the_weights_is_refused_at_load(folder):
                                   "infinite weights in blocks.0"):
         load("nan.safetensors")
     assert load().pipeline.model is not None   # the next load works
+
+
+@pytest.mark.parametrize("name,values,message", [
+    ("STIVSampler", dict(steps=0), "steps must be between 1 and 500, got 0"),
+    ("STIVSampler", dict(width=-8), "width must be between 4 and 4096, got -8"),
+    ("STIVSampler", dict(frames=0), "frames must be between 1 and 1024, got 0"),
+    ("STIVSampler", dict(shift=float("nan")), "shift must be a finite number, got nan"),
+    ("STIVSampler", dict(scale=float("inf")), "scale must be a finite number"),
+    ("STIVSampler", dict(steps=2.5), "steps must be a whole number, got 2.5"),
+    ("STIVSampler", dict(seed=-1), "seed must be between 0 and"),
+    ("STIVKeyframeInterpolate", dict(keyframes=1), "keyframes must be between 2 and 256, got 1"),
+    ("STIVKeyframeInterpolate", dict(keyframe_stride=0), "keyframe_stride must be between 1 and 256, got 0"),
+    ("STIVInterpolateKeyframes", dict(shift=0.0), "shift must be between 0.05 and 20.0, got 0.0"),
+])
+def test_a_bad_widget_value_fails_validation_naming_the_input_and_the_node_refuses_it(folder, name, values, message):
+    cls = pack_module("nodes").NODE_CLASS_MAPPINGS[name]
+    assert message in cls.VALIDATE_INPUTS(**values)
+    assert cls.VALIDATE_INPUTS() is True   # linked inputs are not known at validation: checked when it runs
+    good = {"STIVSampler": dict(frames=4, frame_stride=1), "STIVKeyframeInterpolate": dict(keyframes=2,
+            keyframe_stride=3), "STIVInterpolateKeyframes": dict(keyframe_stride=3)}[name]
+    assert cls.VALIDATE_INPUTS(**{k: v for k, v in {**SETTINGS, **good}.items()
+                                  if k in cls.VALIDATE_INPUTS.__code__.co_varnames}) is True
+    if name == "STIVSampler":   # a linked value reaches the node: refused before sampling, naming the input
+        with pytest.raises(Err, match=f"STIV Sampler: {next(iter(values))} must be"):
+            sample(load(), text(), **values)

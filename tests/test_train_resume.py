@@ -1,5 +1,6 @@
 """Resume is bit-identical to an uninterrupted run, also after a SIGKILL at an arbitrary moment."""
 import json
+import shutil
 import os
 import signal
 import subprocess
@@ -227,3 +228,84 @@ def test_resuming_on_another_process_count_warns_that_the_data_order_shifts(tmp_
     with caplog.at_level("WARNING", logger="stiv_core.train"):
         run(tmp_path, "max_steps=4", "checkpoint_every=100")   # its own checkpoint: no warning
     assert "written by" not in caplog.text
+
+
+def truncate(path: Path, keep: float = 0.5) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+
+
+def damage(step_dir: Path, how: str) -> None:
+    """A bad disk or an interrupted copy: a truncated file, or a step folder whose files never arrived."""
+    if how == "empty":
+        for f in step_dir.iterdir():
+            f.unlink()
+    else:
+        truncate(step_dir / f"{how}.safetensors")
+
+
+@pytest.mark.parametrize("how", ["model", "state", "ema", "empty"])
+def test_resume_skips_a_damaged_newest_checkpoint_bit_identically(tmp_path, caplog, how):
+    """Resuming past a damaged step_4 = resuming from step_2 directly; step_4 is logged, kept, not deleted."""
+    run(tmp_path / "damaged", "max_steps=4", "checkpoint_every=2")
+    direct = tmp_path / "direct"
+    shutil.copytree(tmp_path / "damaged", direct)
+    shutil.rmtree(direct / "checkpoints/step_00000004")
+    damage(tmp_path / "damaged/checkpoints/step_00000004", how)
+    assert latest_checkpoint(tmp_path / "damaged").name == "step_00000002"
+    with caplog.at_level("WARNING", logger="stiv_core.train"):
+        resumed = run(tmp_path / "damaged", "max_steps=6", "checkpoint_every=2")
+    assert f"skipping the damaged checkpoint step_00000004 ({how if how != 'empty' else 'model'}" in caplog.text
+    again = run(direct, "max_steps=6", "checkpoint_every=2")
+    assert resumed.losses == again.losses and len(resumed.losses) == 4
+    assert_identical(tmp_path / "damaged/checkpoints/step_00000006", direct / "checkpoints/step_00000006")
+    assert (tmp_path / "damaged/checkpoints/step_00000004.damaged").is_dir()   # kept aside when step 4 was saved again
+
+
+def test_no_usable_checkpoint_is_one_clear_error(tmp_path):
+    run(tmp_path, "max_steps=2", "checkpoint_every=1", "keep_last=2")
+    for step in (1, 2):
+        truncate(tmp_path / f"checkpoints/step_{step:08d}/model.safetensors")
+    with pytest.raises(ConfigError, match="no usable checkpoint to resume from .*step_00000002: model.safetensors "
+                                          "truncated.*another output_dir"):
+        run(tmp_path, "max_steps=3")
+    assert len(list_checkpoints(tmp_path)) == 2   # nothing deleted
+
+
+def test_an_output_dir_that_is_a_file_or_under_one_fails_before_any_work(tmp_path, monkeypatch):
+    built = []
+    monkeypatch.setattr(trainer, "Accelerator", lambda *a, **k: built.append(1))
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    with pytest.raises(ConfigError, match="output_dir: .*afile' is a file"):
+        run(afile)
+    with pytest.raises(ConfigError, match="output_dir: cannot write .*afile' is a file, not a folder"):
+        run(afile / "sub")
+    assert not built
+
+
+def test_a_read_only_output_dir_fails_before_any_work(tmp_path, monkeypatch):
+    built = []
+    monkeypatch.setattr(trainer, "Accelerator", lambda *a, **k: built.append(1))
+    readonly = tmp_path / "ro"
+    readonly.mkdir()
+    readonly.chmod(0o500)
+    try:
+        if os.access(readonly, os.W_OK):
+            pytest.skip("running as root: chmod does not stop writing (a path under a file is tested instead)")
+        with pytest.raises(ConfigError, match="output_dir: cannot write .*not writable"):
+            run(readonly / "run")
+    finally:
+        readonly.chmod(0o700)
+    assert not built
+
+
+@pytest.mark.slow  # a subprocess
+def test_the_command_line_reports_a_damaged_run_in_one_line(tmp_path):
+    run(tmp_path, "max_steps=1")
+    truncate(tmp_path / "checkpoints/step_00000001/state.safetensors")
+    proc = subprocess.run([sys.executable, "stiv_core/train.py", "--config", str(ROOT / "stiv_core/configs/tiny.toml"),
+                           *TINY, f"output_dir={tmp_path}", "max_steps=2"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: no usable checkpoint to resume from")

@@ -13,7 +13,6 @@ command whose stdout is the caption (`{clip}` and `{source}` are replaced by the
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import logging
@@ -27,6 +26,7 @@ import av
 import numpy as np
 import torch
 
+from .. import cli
 from ..video_io import write_video
 from .folders import decode_video
 from .listing import VIDEO_SUFFIXES
@@ -175,18 +175,25 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
     tmp.replace(path)
 
 
+@cli.entry_point
 def main(argv: Optional[Sequence[str]] = None) -> PrepareSummary:
-    parser = argparse.ArgumentParser(prog="python -m stiv_core.data.prepare", description=__doc__.split("\n\n")[0])
+    """The summary; a user error exits with status 2 and one line before any video is read (see cli.py)."""
+    parser = cli.ArgumentParser(prog="python -m stiv_core.data.prepare", description=__doc__.split("\n\n")[0])
     parser.add_argument("src_dir")
     parser.add_argument("out_dir")
     defaults = Thresholds()
-    for name, value in asdict(defaults).items():
-        parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
+    for name, value in asdict(defaults).items():   # a minimum of 0: no minimum
+        kind = cli.positive_float if name.startswith("max_") else {int: cli.nonnegative_int}.get(
+            type(value), cli.nonnegative_float)
+        parser.add_argument(f"--{name.replace('_', '-')}", type=kind, default=value)
     parser.add_argument("--no-split", action="store_true", help="keep each video whole (no scene detection)")
-    parser.add_argument("--cut-threshold", type=float, default=27.0)
+    parser.add_argument("--cut-threshold", type=cli.positive_float, default=27.0)
     parser.add_argument("--caption-command", default=None,
                         help="a command printing a caption; {clip} and {source} are replaced by paths")
     args = parser.parse_args(argv)
+    if not Path(args.src_dir).is_dir():
+        raise FileNotFoundError(f"src_dir {args.src_dir!r} is not a folder (of videos)")
+    cli.writable_output(args.out_dir, folder=True)
     thresholds = Thresholds(**{name: getattr(args, name) for name in asdict(defaults)})
     options = PrepareOptions(thresholds=thresholds, split_scenes=not args.no_split, cut_threshold=args.cut_threshold)
     captioner = command_captioner(args.caption_command) if args.caption_command else sidecar_caption

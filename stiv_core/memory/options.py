@@ -107,11 +107,29 @@ class MemoryHandle:
 
 def resolve_device(requested: str) -> tuple[torch.device, list[str]]:
     """The device to run on and the notes saying why it is not the one asked for (CUDA missing)."""
-    device = torch.device(requested)
+    try:
+        device = torch.device(requested)
+    except (RuntimeError, TypeError):   # torch's message lists every backend it was built with
+        raise ValueError(f"unknown device {requested!r}; available here: {', '.join(available_devices())}") from None
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"device {requested!r} is not supported; available here: {', '.join(available_devices())}")
+    if device.type == "cuda" and torch.cuda.is_available() and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"device {requested!r}: there are {torch.cuda.device_count()} CUDA device(s); available "
+                         f"here: {', '.join(available_devices())}")
     if device.type == "cuda" and not torch.cuda.is_available():
         return torch.device("cpu"), [_log(f"CUDA was asked for but is not available ({torch.__version__}, "
                                           f"no CUDA device); using the CPU")]
     return device, []
+
+
+def available_devices() -> list[str]:
+    """The device names that run here ('cuda' falls back to the CPU, logged, where there is no CUDA)."""
+    names = ["cpu", "cuda"]
+    if torch.cuda.is_available():
+        names += [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        names.append("mps")
+    return names
 
 
 def resolve_quant(options: MemoryOptions, device: torch.device) -> tuple[QuantConfig, list[str]]:

@@ -122,16 +122,7 @@ class STIVTransformer(nn.Module):
 
     def token_grid(self, latent_shape: tuple[int, ...]) -> tuple[int, int, int]:
         """(T', H', W') token grid for latents `(..., T, H, W)`; raises on sizes that don't fit."""
-        t, h, w = latent_shape[-3:]
-        p, pt = self.config.patch_size, self.config.temporal_patch
-        if t % pt:
-            raise ValueError(f"{t} latent frames do not fit temporal patch {pt}: use a multiple of {pt} "
-                             f"(e.g. {' or '.join(map(str, _nearest_multiples(t, pt)))})")
-        if h % p or w % p:
-            raise ValueError(f"latent size {h}x{w} is not divisible by the patch size {p}: height and width "
-                             f"must be multiples of {p} (e.g. {_nearest_multiples(h, p)[0]}x"
-                             f"{_nearest_multiples(w, p)[0]})")
-        return t // pt, h // p, w // p
+        return token_grid(self.config, latent_shape)
 
     def rope(self, grid: tuple[int, int, int], device) -> tuple[Rope, Rope]:
         """Spatial (2D) tables `(H'*W', hd/2)` and temporal (1D) tables `(T', hd/2)`."""
@@ -260,10 +251,25 @@ def inflate_patch_embed(weight_2d: torch.Tensor, temporal_patch: int) -> torch.T
     return weight_2d[:, :, None].repeat(1, 1, temporal_patch, 1, 1) / temporal_patch
 
 
+def token_grid(config: STIVConfig, latent_shape: tuple[int, ...]) -> tuple[int, int, int]:
+    """(T', H', W') token grid of a `config` model for latents `(..., T, H, W)`; raises with the sizes that
+    fit when they don't (needs only the config: the CLI checks sizes before loading weights)."""
+    t, h, w = latent_shape[-3:]
+    p, pt = config.patch_size, config.temporal_patch
+    if t % pt:
+        raise ValueError(f"{t} latent frames do not fit temporal patch {pt}: use a multiple of {pt} "
+                         f"(e.g. {' or '.join(map(str, _nearest_multiples(t, pt)))})")
+    if h % p or w % p:
+        raise ValueError(f"latent size {h}x{w} is not divisible by the patch size {p}: height and width "
+                         f"must be multiples of {p} (e.g. {_nearest_multiples(h, p)[0]}x"
+                         f"{_nearest_multiples(w, p)[0]})")
+    return t // pt, h // p, w // p
+
+
 def _nearest_multiples(n: int, m: int) -> list[int]:
     """The positive multiples of `m` just below and above `n` (7, 2 -> [6, 8]; 1, 2 -> [2])."""
     below = n - n % m
-    return [k for k in (below, below + m) if k > 0]
+    return [k for k in (below, below + m) if k > 0] or [m]
 
 
 def num_spatial_tokens(config: STIVConfig, height: int, width: int) -> int:

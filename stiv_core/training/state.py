@@ -11,8 +11,10 @@ process and back; `Snapshot` is what one process writes and every process reads,
 Checkpoints written before the optimizer state was keyed by name (`optimizer/<index>/...`, no
 `optimizer_keys` in the metadata) still load: the index is the parameter's place in the optimizer.
 The folder is written under a temporary name, every file fsynced, then renamed: a run killed at any
-moment leaves either a complete checkpoint or a temporary folder that the next run deletes. The data
-position needs no state: the data order is a function of (seed, step) (see data/loader.py).
+moment leaves either a complete checkpoint or a temporary folder that the next run deletes. A checkpoint
+damaged later (a bad disk, an interrupted copy) is skipped by resume, which takes the newest readable
+one, and kept: saving its step again moves it aside to `step_NNNNNNNN.damaged`. The data position needs
+no state: the data order is a function of (seed, step) (see data/loader.py).
 """
 from __future__ import annotations
 
@@ -29,12 +31,13 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from ..checkpoint import check_safetensors, model_metadata, save_state_dict
+from ..checkpoint import check_safetensors, model_metadata, safetensors_problem, save_state_dict
 from ..config import STIVConfig
 from .full_state import OptimizerState
 
 log = logging.getLogger(__name__)
 STEP_DIR = re.compile(r"^step_(\d{8})$")
+CHECKPOINT_FILES = ("model.safetensors", "ema.safetensors", "state.safetensors")
 KEYS_BY_NAME = "fqn"  # metadata["optimizer_keys"] of checkpoints whose optimizer state is keyed by name
 
 
@@ -70,9 +73,28 @@ def list_checkpoints(output_dir: str | Path) -> list[Path]:
     return sorted(p for p in root.iterdir() if p.is_dir() and STEP_DIR.match(p.name))
 
 
+def checkpoint_problem(path: Path) -> Optional[str]:
+    """Why the checkpoint folder `path` cannot be resumed from (None: every file is there, its header
+    parses and its size is the one the header gives). Reads headers only."""
+    problems = [f"{name} {why}" for name in CHECKPOINT_FILES if (why := safetensors_problem(path / name))]
+    return "; ".join(problems) or None
+
+
+def usable_checkpoint(output_dir: str | Path) -> tuple[Optional[Path], list[tuple[Path, str]]]:
+    """The newest checkpoint that is complete and readable (None if none is), and the newer ones skipped
+    as damaged, newest first, each with why."""
+    skipped = []
+    for path in reversed(list_checkpoints(output_dir)):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            return path, skipped
+        skipped.append((path, problem))
+    return None, skipped
+
+
 def latest_checkpoint(output_dir: str | Path) -> Optional[Path]:
-    found = list_checkpoints(output_dir)
-    return found[-1] if found else None
+    """The newest checkpoint a run resumes from: complete and readable (see `usable_checkpoint`)."""
+    return usable_checkpoint(output_dir)[0]
 
 
 def remove_incomplete(output_dir: str | Path) -> None:
@@ -97,7 +119,11 @@ def save_checkpoint(output_dir: str | Path, snapshot: Snapshot, *, config: STIVC
     save_state_dict(tmp / "state.safetensors", tensors, metadata)
     for path in tmp.iterdir():
         _fsync(path)
-    if final.exists():  # the same step saved again (e.g. Ctrl-C right after a periodic save)
+    if final.exists() and checkpoint_problem(final) is not None:   # resumed past it: keep it, aside
+        aside = _free_name(final.with_name(f"{final.name}.damaged"))
+        os.replace(final, aside)
+        log.warning("the damaged checkpoint %s is kept as %s", final.name, aside.name)
+    elif final.exists():  # the same step saved again (e.g. Ctrl-C right after a periodic save)
         shutil.rmtree(final)
     os.replace(tmp, final)
     _fsync(root)
@@ -165,6 +191,12 @@ def _name_legacy_state(state: dict[str, dict[str, Any]], groups: list[dict[str, 
                 for index, name in zip(group["params"], names)}
     named_groups = [{**group, "params": list(names)} for group, names in zip(groups, parameter_names)]
     return {by_index[index]: entries for index, entries in state.items()}, named_groups
+
+
+def _free_name(path: Path) -> Path:
+    """`path`, or `path.1`, `path.2`, ...: the first that does not exist."""
+    candidates = (path.with_name(f"{path.name}.{i}") if i else path for i in range(10 ** 6))
+    return next(p for p in candidates if not p.exists())
 
 
 def _contiguous(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
