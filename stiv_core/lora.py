@@ -1,0 +1,271 @@
+"""LoRA as a module swap, attached from outside the model like the quantized Linears (no `if lora` in layers).
+
+`attach_lora(model, "style", LoRAConfig(rank=8))` replaces each targeted Linear of the blocks (default: the
+attention projections and the FFN of every block) by a `LoRALinear` that keeps the original module as
+`base` (a plain or a quantized Linear, untouched) and adds named adapters, each `strength * alpha / rank *
+B(A(dropout(x)))` with B zero-initialised, so a new adapter changes nothing. Several adapters stack, each
+with its own strength; strength 0 gives exactly the base output. `merge_lora` folds an adapter into a
+full-precision base weight (and `unmerge_lora` takes it out again); on a quantized base it stays applied
+on the fly. Because the adapters live inside their block, block swap moves them with it.
+
+File format (`save_lora` / `load_lora`): safetensors, keys in the diffusers / PEFT convention
+`<module path>.lora_A.weight` `(rank, in)` and `<module path>.lora_B.weight` `(out, rank)`, module paths as
+in the STIV model's state dict (e.g. `blocks.3.spatial_attn.qkv`); metadata `stiv_lora` (rank, alpha,
+targets, format version) and `stiv_config` (the base model's config). A file for another model shape is
+refused naming the first mismatching keys.
+"""
+from __future__ import annotations
+
+import fnmatch
+import json
+import math
+import os
+from dataclasses import asdict, dataclass
+from typing import Iterator, Optional
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from .checkpoint import CONFIG_KEY, CheckpointError, check_safetensors, model_metadata, read_metadata, save_state_dict
+from .memory.quant import QuantizedLinear
+
+LORA_KEY = "stiv_lora"
+FORMAT_VERSION = 1
+# Module paths inside a block (`blocks.N.` / `extra_blocks.N.` before them): attention and FFN Linears.
+DEFAULT_TARGETS = ("*.spatial_attn.qkv", "*.spatial_attn.proj", "*.cross_attn.q", "*.cross_attn.kv",
+                   "*.cross_attn.proj", "*.temporal_attn.qkv", "*.temporal_attn.proj", "*.ffn.fc1", "*.ffn.fc2")
+MAX_SANE_STRENGTH = 4.0
+
+
+@dataclass(frozen=True)
+class LoRAConfig:
+    rank: int = 16
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: tuple[str, ...] = DEFAULT_TARGETS   # fnmatch patterns on the blocks' module paths
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.rank, int) and self.rank >= 1):
+            raise ValueError(f"lora rank must be an int >= 1, got {self.rank!r}")
+        if not (math.isfinite(self.alpha) and self.alpha > 0):
+            raise ValueError(f"lora alpha must be a positive number, got {self.alpha!r}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"lora dropout must be in [0, 1), got {self.dropout!r}")
+        object.__setattr__(self, "targets", tuple(self.targets))
+        if not self.targets:
+            raise ValueError("lora targets: give at least one module pattern")
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+
+class LoRAAdapter(nn.Module):
+    """One adapter on one Linear: `scale * B(A(dropout(x)))`, A Kaiming-uniform, B zero (no change at init)."""
+
+    def __init__(self, in_features: int, out_features: int, config: LoRAConfig, *, device=None,
+                 dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.config = config
+        self.lora_A = nn.Linear(in_features, config.rank, bias=False, device=device, dtype=dtype)
+        self.lora_B = nn.Linear(config.rank, out_features, bias=False, device=device, dtype=dtype)
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lora_B(self.lora_A(self.dropout(x.to(self.lora_A.weight.dtype)))) * self.config.scale
+
+    def delta_weight(self) -> torch.Tensor:
+        """`scale * B @ A` `(out, in)` in float32."""
+        return self.config.scale * (self.lora_B.weight.float() @ self.lora_A.weight.float())
+
+
+class LoRALinear(nn.Module):
+    """`base(x) + sum_i strength_i * adapter_i(x)` over the adapters not merged into `base`."""
+
+    def __init__(self, base: nn.Module):
+        super().__init__()
+        self.base = base
+        self.adapters = nn.ModuleDict()
+        self.strengths: dict[str, float] = {}
+        self.merged: dict[str, float] = {}   # name -> the strength it was merged with
+
+    @property
+    def in_features(self) -> int:
+        return self.base.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        for name, adapter in self.adapters.items():
+            strength = self.strengths[name]
+            if strength != 0 and name not in self.merged:
+                y = y + (strength * adapter(x)).to(y.dtype)
+        return y
+
+
+def target_linears(model: nn.Module, targets: tuple[str, ...]) -> dict[str, nn.Module]:
+    """The blocks' Linears (plain, quantized, or already LoRA-wrapped) whose module path matches a target."""
+    found = {}
+    for prefix, block in model.named_blocks():
+        wrapped: list[str] = []   # inside a LoRALinear: its base and its adapters are not targets
+        for name, module in block.named_modules():
+            path = f"{prefix}.{name}"
+            if any(path.startswith(w + ".") for w in wrapped):
+                continue
+            if isinstance(module, LoRALinear):
+                wrapped.append(path)
+            if isinstance(module, (nn.Linear, QuantizedLinear, LoRALinear)) \
+                    and any(fnmatch.fnmatchcase(path, t) for t in targets):
+                found[path] = module
+    return found
+
+
+def attach_lora(model: nn.Module, name: str, config: LoRAConfig = LoRAConfig(), *,
+                strength: float = 1.0) -> list[str]:
+    """Add adapter `name` to every targeted Linear of `model` (wrapping it in a LoRALinear the first time);
+    returns the module paths. Raises naming the model's Linears when no target matches."""
+    check_strength(strength)
+    found = target_linears(model, config.targets)
+    if not found:
+        names = sorted(target_linears(model, ("*",)))
+        raise ValueError(f"lora targets {list(config.targets)} match no Linear of the model's blocks; its Linears "
+                         f"are e.g. {names[:6]}")
+    for path, module in found.items():
+        wrapped = module if isinstance(module, LoRALinear) else _swap(model, path, LoRALinear(module))
+        if name in wrapped.adapters:
+            raise ValueError(f"the model already has a LoRA named {name!r}; remove it first or pick another name")
+        device = next((t.device for t in _tensors(wrapped.base)), None)
+        wrapped.adapters[name] = LoRAAdapter(wrapped.in_features, wrapped.out_features, config, device=device)
+        wrapped.strengths[name] = float(strength)
+    return sorted(found)
+
+
+def lora_modules(model: nn.Module, name: Optional[str] = None) -> Iterator[tuple[str, LoRALinear]]:
+    for path, module in model.named_modules():
+        if isinstance(module, LoRALinear) and (name is None or name in module.adapters):
+            yield path, module
+
+
+def set_strength(model: nn.Module, name: str, strength: float) -> None:
+    check_strength(strength)
+    for _, module in lora_modules(model, name):
+        if name in module.merged:
+            raise ValueError(f"LoRA {name!r} is merged; unmerge it before changing its strength")
+        module.strengths[name] = float(strength)
+
+
+def check_strength(strength: float) -> None:
+    if not math.isfinite(strength):
+        raise ValueError(f"LoRA strength must be a finite number, got {strength!r}")
+    if abs(strength) > MAX_SANE_STRENGTH:
+        import logging
+
+        logging.getLogger(__name__).warning("LoRA strength %g is far outside the usual [-1, 1]; outputs may "
+                                            "break down", strength)
+
+
+def merge_lora(model: nn.Module, name: str) -> int:
+    """Fold adapter `name` into the full-precision base weights (exact in float32 up to rounding); returns
+    the count merged. A quantized base keeps the adapter applied on the fly (not merged)."""
+    count = 0
+    for _, module in lora_modules(model, name):
+        if name in module.merged or not isinstance(module.base, nn.Linear):
+            continue
+        strength = module.strengths[name]
+        with torch.no_grad():
+            weight = module.base.weight
+            weight.copy_((weight.float() + strength * module.adapters[name].delta_weight().to(weight.device))
+                         .to(weight.dtype))
+        module.merged[name] = strength
+        count += 1
+    return count
+
+
+def unmerge_lora(model: nn.Module, name: str) -> int:
+    count = 0
+    for _, module in lora_modules(model, name):
+        if name not in module.merged:
+            continue
+        strength = module.merged.pop(name)
+        with torch.no_grad():
+            weight = module.base.weight
+            weight.copy_((weight.float() - strength * module.adapters[name].delta_weight().to(weight.device))
+                         .to(weight.dtype))
+        count += 1
+    return count
+
+
+def save_lora(path: str | os.PathLike, model: nn.Module, name: str) -> None:
+    """Adapter `name` of `model` alone, in the file format of this module's docstring."""
+    state, config = {}, None
+    for module_path, module in lora_modules(model, name):
+        adapter = module.adapters[name]
+        config = adapter.config
+        state[f"{module_path}.lora_A.weight"] = adapter.lora_A.weight.detach().float().contiguous().cpu()
+        state[f"{module_path}.lora_B.weight"] = adapter.lora_B.weight.detach().float().contiguous().cpu()
+    if config is None:
+        raise ValueError(f"the model has no LoRA named {name!r}")
+    record = {**asdict(config), "targets": list(config.targets), "format_version": FORMAT_VERSION}
+    save_state_dict(path, state, model_metadata(model.config, {LORA_KEY: json.dumps(record)}))
+
+
+def read_lora(path: str | os.PathLike) -> tuple[LoRAConfig, dict[str, torch.Tensor], dict]:
+    """The LoRA config, tensors and recorded base config of a LoRA file (CheckpointError if it is not one)."""
+    path = check_safetensors(path)
+    meta = read_metadata(path)
+    if LORA_KEY not in meta:
+        raise CheckpointError(f"{path.name} is not a STIV LoRA (no {LORA_KEY!r} in its metadata)")
+    try:
+        record = json.loads(meta[LORA_KEY])
+        config = LoRAConfig(rank=int(record["rank"]), alpha=float(record["alpha"]),
+                            dropout=float(record.get("dropout", 0.0)), targets=tuple(record["targets"]))
+        base = json.loads(meta.get(CONFIG_KEY, "{}"))
+    except (KeyError, TypeError, ValueError) as err:
+        raise CheckpointError(f"{path.name}: unreadable {LORA_KEY!r} metadata ({err})") from err
+    return config, load_file(str(path)), base
+
+
+def load_lora(path: str | os.PathLike, model: nn.Module, *, name: Optional[str] = None,
+              strength: float = 1.0) -> str:
+    """Attach the LoRA in `path` to `model` as `name` (default: the file's stem) with `strength`; a file for
+    another model shape is refused naming the first mismatching keys. Returns the name."""
+    config, tensors, base = read_lora(path)
+    name = name or os.path.splitext(os.path.basename(os.fspath(path)))[0]
+    modules = {p: m for p, m in target_linears(model, ("*",)).items()}
+    bad = []
+    for key, tensor in sorted(tensors.items()):
+        module_path, _, kind = key.rpartition(".lora_")
+        module = modules.get(module_path)
+        want = None if module is None else ((config.rank, module.in_features) if kind == "A.weight"
+                                             else (module.out_features, config.rank))
+        if want is None or kind not in ("A.weight", "B.weight") or tuple(tensor.shape) != want:
+            bad.append(f"{key} {tuple(tensor.shape)}" + ("" if want is None else f" (the model needs {want})"))
+    if bad:
+        shape = {k: base.get(k) for k in ("depth", "hidden_size", "num_heads") if k in base}
+        raise CheckpointError(f"{os.path.basename(os.fspath(path))} is a LoRA for another model ({shape}): "
+                              f"{len(bad)} key(s) do not fit, first {bad[:5]}")
+    paths = sorted({k.rpartition(".lora_")[0] for k in tensors})
+    attach_lora(model, name, LoRAConfig(config.rank, config.alpha, 0.0, tuple(paths)), strength=strength)
+    with torch.no_grad():
+        for module_path, module in lora_modules(model, name):
+            adapter = module.adapters[name]
+            adapter.lora_A.weight.copy_(tensors[f"{module_path}.lora_A.weight"])
+            adapter.lora_B.weight.copy_(tensors[f"{module_path}.lora_B.weight"])
+    return name
+
+
+def _swap(model: nn.Module, path: str, new: nn.Module) -> nn.Module:
+    parent_path, _, child = path.rpartition(".")
+    setattr(model.get_submodule(parent_path), child, new)
+    return new
+
+
+def _tensors(module: nn.Module) -> Iterator[torch.Tensor]:
+    yield from module.parameters()
+    yield from module.buffers()

@@ -1,0 +1,122 @@
+"""LoRA as a module swap: zero-init changes nothing, strength 0 is the base bit for bit, adapters stack,
+merge equals the unmerged output, a quantized base keeps it on the fly, the file format round-trips and a
+LoRA for another model is refused naming its keys."""
+import pytest
+import torch
+from safetensors import safe_open
+
+from stiv_core.checkpoint import CheckpointError
+from stiv_core.lora import (DEFAULT_TARGETS, LoRAConfig, LoRALinear, attach_lora, load_lora, lora_modules,
+                            merge_lora, save_lora, set_strength, unmerge_lora)
+from stiv_core.memory.quant import QuantConfig, QuantMode, fp8_format_for, quantize_blocks
+
+
+def train_like(model, name, seed=1, std=0.05):
+    """Non-zero B matrices, as after training (a new adapter's B is zero)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, module in lora_modules(model, name):
+            adapter = module.adapters[name]
+            adapter.lora_B.weight.copy_(torch.randn(adapter.lora_B.weight.shape, generator=g) * std)
+
+
+def test_a_new_lora_changes_nothing_and_wraps_every_attention_and_ffn_linear(make_model, make_inputs):
+    model, inputs = make_model(), make_inputs()
+    base = model(**inputs)
+    paths = attach_lora(model, "a", LoRAConfig(rank=4))
+    assert len(paths) == len(model.all_blocks()) * len(DEFAULT_TARGETS)
+    assert all(isinstance(m, LoRALinear) for _, m in lora_modules(model))
+    assert torch.equal(model(**inputs), base)  # B is zero-initialised
+
+
+def test_strength_zero_is_the_base_bit_for_bit_and_adapters_stack(make_model, make_inputs):
+    model, inputs = make_model(), make_inputs()
+    base = model(**inputs)
+    attach_lora(model, "a", LoRAConfig(rank=4))
+    attach_lora(model, "b", LoRAConfig(rank=2, alpha=4.0))
+    train_like(model, "a", seed=1), train_like(model, "b", seed=2)
+    both = model(**inputs)
+    assert not torch.allclose(both, base, atol=1e-4)
+    set_strength(model, "a", 0.0), set_strength(model, "b", 0.0)
+    assert torch.equal(model(**inputs), base)
+    set_strength(model, "a", 1.0)
+    only_a = model(**inputs)
+    set_strength(model, "b", 1.0)
+    assert not torch.allclose(model(**inputs), only_a, atol=1e-5)  # b adds on top of a
+    with pytest.raises(ValueError, match="already has a LoRA named 'a'"):
+        attach_lora(model, "a")
+
+
+def test_a_merged_lora_gives_the_unmerged_output_and_unmerges(make_model, make_inputs):
+    model, inputs = make_model(), make_inputs()
+    attach_lora(model, "a", LoRAConfig(rank=4))
+    train_like(model, "a")
+    set_strength(model, "a", 0.7)
+    before = {k: v.clone() for k, v in model.state_dict().items() if k.endswith("base.weight")}
+    unmerged = model(**inputs)
+    assert merge_lora(model, "a") == len(before)
+    torch.testing.assert_close(model(**inputs), unmerged, atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="unmerge it"):
+        set_strength(model, "a", 1.0)
+    assert unmerge_lora(model, "a") == len(before)
+    for key, weight in model.state_dict().items():
+        if key in before:
+            torch.testing.assert_close(weight, before[key], atol=1e-6, rtol=0)
+    torch.testing.assert_close(model(**inputs), unmerged, atol=1e-5, rtol=1e-4)
+
+
+def test_on_a_quantized_base_the_lora_applies_on_the_fly(make_model, make_inputs):
+    model, inputs = make_model(), make_inputs()
+    quantize_blocks(model, QuantConfig(QuantMode.FP8, fp8_format=fp8_format_for("cpu")[0]))
+    base = model(**inputs)
+    attach_lora(model, "a", LoRAConfig(rank=4))
+    train_like(model, "a")
+    assert merge_lora(model, "a") == 0          # nothing to merge into: fp8 storage
+    assert not torch.allclose(model(**inputs), base, atol=1e-4)
+    set_strength(model, "a", 0.0)
+    assert torch.equal(model(**inputs), base)
+
+
+def test_the_file_round_trips_in_the_peft_key_convention(make_model, make_inputs, tmp_path):
+    model, inputs = make_model(), make_inputs()
+    attach_lora(model, "style", LoRAConfig(rank=4, alpha=8.0, targets=("*.cross_attn.*",)))
+    train_like(model, "style")
+    expected = model(**inputs)
+    save_lora(tmp_path / "style.safetensors", model, "style")
+    with safe_open(str(tmp_path / "style.safetensors"), framework="pt") as f:
+        keys = sorted(f.keys())
+        assert "blocks.0.cross_attn.q.lora_A.weight" in keys and "blocks.0.cross_attn.q.lora_B.weight" in keys
+        assert all(".cross_attn." in k for k in keys) and "stiv_lora" in f.metadata()
+    fresh = make_model()
+    assert load_lora(tmp_path / "style.safetensors", fresh) == "style"
+    torch.testing.assert_close(fresh(**inputs), expected)
+
+
+def test_a_lora_for_another_model_is_refused_naming_its_keys(make_model, tmp_path):
+    small = make_model()
+    attach_lora(small, "a", LoRAConfig(rank=4))
+    save_lora(tmp_path / "a.safetensors", small, "a")
+    wide = make_model(hidden_size=64, num_heads=4)
+    with pytest.raises(CheckpointError, match=r"LoRA for another model .*blocks\.0\..*lora_A\.weight"):
+        load_lora(tmp_path / "a.safetensors", wide)
+    assert not list(lora_modules(wide))  # nothing half-attached
+
+
+@pytest.mark.parametrize("call,match", [
+    (lambda m: attach_lora(m, "a", LoRAConfig(targets=("*.nothing",))), "match no Linear"),
+    (lambda m: attach_lora(m, "a", strength=float("nan")), "finite"),
+    (lambda m: LoRAConfig(rank=0), "rank"),
+    (lambda m: LoRAConfig(alpha=-1.0), "alpha"),
+])
+def test_bad_lora_inputs_say_what_is_allowed(make_model, call, match):
+    with pytest.raises(ValueError, match=match):
+        call(make_model())
+
+
+def test_a_file_that_is_not_a_lora_is_refused(make_model, tmp_path):
+    from stiv_core.checkpoint import save_model
+
+    model = make_model()
+    save_model(tmp_path / "model.safetensors", model)
+    with pytest.raises(CheckpointError, match="not a STIV LoRA"):
+        load_lora(tmp_path / "model.safetensors", model)
