@@ -20,6 +20,7 @@ import fnmatch
 import json
 import math
 import os
+import re
 from dataclasses import asdict, dataclass
 from typing import Iterator, Optional
 
@@ -61,6 +62,18 @@ class LoRAConfig:
         return self.alpha / self.rank
 
 
+class LoRAFactor(nn.Module):
+    """One low-rank factor, `weight` `(out, in)`. Not an `nn.Linear` on purpose: the quantizers replace plain
+    Linears, and a LoRA stays in full precision on a quantized base."""
+
+    def __init__(self, in_features: int, out_features: int, *, device=None, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, device=device, dtype=dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(x, self.weight)
+
+
 class LoRAAdapter(nn.Module):
     """One adapter on one Linear: `scale * B(A(dropout(x)))`, A Kaiming-uniform, B zero (no change at init)."""
 
@@ -68,8 +81,8 @@ class LoRAAdapter(nn.Module):
                  dtype: torch.dtype = torch.float32):
         super().__init__()
         self.config = config
-        self.lora_A = nn.Linear(in_features, config.rank, bias=False, device=device, dtype=dtype)
-        self.lora_B = nn.Linear(config.rank, out_features, bias=False, device=device, dtype=dtype)
+        self.lora_A = LoRAFactor(in_features, config.rank, device=device, dtype=dtype)
+        self.lora_B = LoRAFactor(config.rank, out_features, device=device, dtype=dtype)
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
@@ -83,14 +96,26 @@ class LoRAAdapter(nn.Module):
 
 
 class LoRALinear(nn.Module):
-    """`base(x) + sum_i strength_i * adapter_i(x)` over the adapters not merged into `base`."""
+    """`base(x) + sum_i strength_i * adapter_i(x)` over the adapters not merged into `base`. Adapters are
+    found by their LoRA's name (`adapter(name)`); they are stored under a module-safe key of it."""
 
     def __init__(self, base: nn.Module):
         super().__init__()
         self.base = base
         self.adapters = nn.ModuleDict()
-        self.strengths: dict[str, float] = {}
-        self.merged: dict[str, float] = {}   # name -> the strength it was merged with
+        self.strengths: dict[str, float] = {}   # name -> strength, in the order the LoRAs were attached
+        self.merged: dict[str, float] = {}      # name -> the strength it was merged with
+
+    def adapter(self, name: str) -> LoRAAdapter:
+        return self.adapters[adapter_key(name)]
+
+    def add(self, name: str, adapter: LoRAAdapter, strength: float) -> None:
+        key = adapter_key(name)
+        if key in self.adapters:
+            raise ValueError(f"the model already has a LoRA named {name!r} (or one whose name maps to the same "
+                             f"key {key!r}); remove it first or pick another name")
+        self.adapters[key] = adapter
+        self.strengths[name] = float(strength)
 
     @property
     def in_features(self) -> int:
@@ -102,11 +127,17 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
-        for name, adapter in self.adapters.items():
-            strength = self.strengths[name]
+        for name, strength in self.strengths.items():
             if strength != 0 and name not in self.merged:
-                y = y + (strength * adapter(x)).to(y.dtype)
+                y = y + (strength * self.adapter(name)(x)).to(y.dtype)
         return y
+
+
+def adapter_key(name: str) -> str:
+    """A LoRA name as a module key: module names cannot hold dots or shadow Module attributes ('train')."""
+    if not name:
+        raise ValueError("a LoRA needs a name")
+    return "lora_" + re.sub(r"[^0-9A-Za-z_]", "_", name)
 
 
 def target_linears(model: nn.Module, targets: tuple[str, ...]) -> dict[str, nn.Module]:
@@ -127,9 +158,10 @@ def target_linears(model: nn.Module, targets: tuple[str, ...]) -> dict[str, nn.M
 
 
 def attach_lora(model: nn.Module, name: str, config: LoRAConfig = LoRAConfig(), *,
-                strength: float = 1.0) -> list[str]:
+                strength: float = 1.0, trainable: bool = False) -> list[str]:
     """Add adapter `name` to every targeted Linear of `model` (wrapping it in a LoRALinear the first time);
-    returns the module paths. Raises naming the model's Linears when no target matches."""
+    returns the module paths. Its weights require grad only when `trainable` (the base never changes);
+    A is drawn from the global RNG. Raises naming the model's Linears when no target matches."""
     check_strength(strength)
     found = target_linears(model, config.targets)
     if not found:
@@ -138,17 +170,15 @@ def attach_lora(model: nn.Module, name: str, config: LoRAConfig = LoRAConfig(), 
                          f"are e.g. {names[:6]}")
     for path, module in found.items():
         wrapped = module if isinstance(module, LoRALinear) else _swap(model, path, LoRALinear(module))
-        if name in wrapped.adapters:
-            raise ValueError(f"the model already has a LoRA named {name!r}; remove it first or pick another name")
         device = next((t.device for t in _tensors(wrapped.base)), None)
-        wrapped.adapters[name] = LoRAAdapter(wrapped.in_features, wrapped.out_features, config, device=device)
-        wrapped.strengths[name] = float(strength)
+        adapter = LoRAAdapter(wrapped.in_features, wrapped.out_features, config, device=device)
+        wrapped.add(name, adapter.requires_grad_(trainable), strength)
     return sorted(found)
 
 
 def lora_modules(model: nn.Module, name: Optional[str] = None) -> Iterator[tuple[str, LoRALinear]]:
     for path, module in model.named_modules():
-        if isinstance(module, LoRALinear) and (name is None or name in module.adapters):
+        if isinstance(module, LoRALinear) and (name is None or name in module.strengths):
             yield path, module
 
 
@@ -180,7 +210,7 @@ def merge_lora(model: nn.Module, name: str) -> int:
         strength = module.strengths[name]
         with torch.no_grad():
             weight = module.base.weight
-            weight.copy_((weight.float() + strength * module.adapters[name].delta_weight().to(weight.device))
+            weight.copy_((weight.float() + strength * module.adapter(name).delta_weight().to(weight.device))
                          .to(weight.dtype))
         module.merged[name] = strength
         count += 1
@@ -195,7 +225,7 @@ def unmerge_lora(model: nn.Module, name: str) -> int:
         strength = module.merged.pop(name)
         with torch.no_grad():
             weight = module.base.weight
-            weight.copy_((weight.float() - strength * module.adapters[name].delta_weight().to(weight.device))
+            weight.copy_((weight.float() - strength * module.adapter(name).delta_weight().to(weight.device))
                          .to(weight.dtype))
         count += 1
     return count
@@ -205,7 +235,7 @@ def save_lora(path: str | os.PathLike, model: nn.Module, name: str) -> None:
     """Adapter `name` of `model` alone, in the file format of this module's docstring."""
     state, config = {}, None
     for module_path, module in lora_modules(model, name):
-        adapter = module.adapters[name]
+        adapter = module.adapter(name)
         config = adapter.config
         state[f"{module_path}.lora_A.weight"] = adapter.lora_A.weight.detach().float().contiguous().cpu()
         state[f"{module_path}.lora_B.weight"] = adapter.lora_B.weight.detach().float().contiguous().cpu()
@@ -254,7 +284,7 @@ def load_lora(path: str | os.PathLike, model: nn.Module, *, name: Optional[str] 
     attach_lora(model, name, LoRAConfig(config.rank, config.alpha, 0.0, tuple(paths)), strength=strength)
     with torch.no_grad():
         for module_path, module in lora_modules(model, name):
-            adapter = module.adapters[name]
+            adapter = module.adapter(name)
             adapter.lora_A.weight.copy_(tensors[f"{module_path}.lora_A.weight"])
             adapter.lora_B.weight.copy_(tensors[f"{module_path}.lora_B.weight"])
     return name

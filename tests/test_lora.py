@@ -12,12 +12,13 @@ from stiv_core.memory.quant import QuantConfig, QuantMode, fp8_format_for, quant
 
 
 def train_like(model, name, seed=1, std=0.05):
-    """Non-zero B matrices, as after training (a new adapter's B is zero)."""
+    """Seeded A and non-zero B matrices, as after training (a new adapter's B is zero)."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for _, module in lora_modules(model, name):
-            adapter = module.adapters[name]
-            adapter.lora_B.weight.copy_(torch.randn(adapter.lora_B.weight.shape, generator=g) * std)
+            adapter = module.adapter(name)
+            for factor in (adapter.lora_A, adapter.lora_B):
+                factor.weight.copy_(torch.randn(factor.weight.shape, generator=g) * std)
 
 
 def test_a_new_lora_changes_nothing_and_wraps_every_attention_and_ffn_linear(make_model, make_inputs):
@@ -120,3 +121,44 @@ def test_a_file_that_is_not_a_lora_is_refused(make_model, tmp_path):
     save_model(tmp_path / "model.safetensors", model)
     with pytest.raises(CheckpointError, match="not a STIV LoRA"):
         load_lora(tmp_path / "model.safetensors", model)
+
+
+def test_a_lora_attached_before_quantization_wraps_the_quantized_base_and_stays_full_precision(make_model,
+                                                                                                make_inputs):
+    """Against the float32 model with the same LoRA, the fp8 one is off by its weights' rounding only: no more
+    than the fp8 model without a LoRA is off from the float32 one."""
+    inputs = make_inputs()
+    quant = QuantConfig(QuantMode.FP8, fp8_format=fp8_format_for("cpu")[0])
+    quantized = make_model()
+    quantize_blocks(quantized, quant)
+    plain_error = (make_model()(**inputs) - quantized(**inputs)).abs().max()
+    reference, model = make_model(), make_model()
+    for m in (reference, model):
+        attach_lora(m, "a", LoRAConfig(rank=4))
+        train_like(m, "a")
+    quantize_blocks(model, quant)
+    for _, module in lora_modules(model):
+        assert type(module.base).__name__ != "Linear"                       # the base was quantized
+        assert module.adapter("a").lora_A.weight.dtype == torch.float32    # the LoRA was not
+    lora_error = (model(**inputs) - reference(**inputs)).abs().max()
+    assert 0 < lora_error < 1.5 * plain_error
+
+
+def test_the_lora_swaps_with_its_block(make_model, make_inputs):
+    from stiv_core.memory.swap import BlockSwapper
+
+    reference, model, inputs = make_model(depth=3), make_model(depth=3), make_inputs()
+    for m in (reference, model):
+        attach_lora(m, "a", LoRAConfig(rank=4))
+        train_like(m, "a")
+    expected = reference(**inputs)
+    BlockSwapper(model, 2, device=torch.device("cpu")).attach()
+    assert torch.equal(model(**inputs), expected)
+
+
+def test_only_a_trainable_lora_requires_grad(make_model):
+    model = make_model()
+    attach_lora(model, "frozen", LoRAConfig(rank=2))
+    attach_lora(model, "train", LoRAConfig(rank=2), trainable=True)
+    grads = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert grads and all(".adapters.lora_train." in n for n in grads)
