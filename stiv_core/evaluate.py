@@ -343,6 +343,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     p.add_argument("--no-clip-denoised", action="store_true", help="sampler: no clamp of clean estimates")
     p.add_argument("--keyframes", type=cli.positive_int, default=16)
     p.add_argument("--keyframe-stride", type=cli.positive_int, default=7)
+    p.add_argument("--lora", action="append", default=[], metavar="PATH[:STRENGTH]",
+                   help="score the model with this STIV LoRA (repeatable)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     if args.tasks and "multiview" in args.tasks and len(args.tasks) > 1:
@@ -370,11 +372,20 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
             check_long_video(load_config(path).temporal_patch, args.keyframes, args.keyframe_stride)
         config = BenchConfig(d.num_frames, d.height, d.width, args.keyframes, args.keyframe_stride,
                              tasks=tuple(args.tasks), seeds=args.seeds)
-        model = PipelineModel(load_pipeline(path), config, _sampler(args, d.shift))
+        model = PipelineModel(_with_loras(load_pipeline(path), args.lora), config, _sampler(args, d.shift))
     rows: list[dict] = []
     results = run_bench(model, prompts, config, rows)
     return _report(f"shapes-bench: {args.model}, {len(prompts)} prompts x {config.seeds} seed(s), {config.num_frames} "
                    f"frames {config.width}x{config.height}", results, rows, args.json)
+
+
+def _with_loras(pipeline: STIVPipeline, loras: Sequence[str]) -> STIVPipeline:
+    from .lora import load_lora, parse_lora_arg
+
+    for text in loras:
+        path, strength = parse_lora_arg(text)
+        load_lora(path, pipeline.model, strength=strength)
+    return pipeline
 
 
 def _sampler(args, shift: float) -> SamplerConfig:
@@ -406,7 +417,7 @@ def _multiview_main(args) -> dict:
         path = resolve_model_path(args.model)
         d = load_defaults(path)
         config = MultiviewConfig(d.height, d.width, seeds=args.seeds)
-        model = pipeline_model(load_pipeline(path), _sampler(args, d.shift), config)
+        model = pipeline_model(_with_loras(load_pipeline(path), args.lora), _sampler(args, d.shift), config)
     rows: list[dict] = []
     results = run_multiview(model, config, objects=objects, rows=rows)
     return _report(f"multiview-bench: {args.model}, {len(objects)} held-out objects x {config.seeds} seed(s), "

@@ -19,6 +19,7 @@ import torch
 from . import cli
 from .bundle import LOAD_DTYPE, SamplingDefaults, load_defaults, load_pipeline, resolve_model_path
 from .checkpoint import load_config
+from .lora import check_lora_file, load_lora, parse_lora_arg
 from .conditioning import Task, given_frames
 from .memory import PIXEL_VAE, MemoryOptions, QuantMode, RunShape, apply_memory_options, plan_run
 from .memory.options import resolve_device, resolve_quant
@@ -70,6 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     low.add_argument("--compile", action="store_true", help="torch.compile each block")
     low.add_argument("--plan-only", action="store_true", help="print the memory plan and exit")
     low.add_argument("--force", action="store_true", help="run even when the plan says it will not fit")
+    p.add_argument("--lora", action="append", default=[], metavar="PATH[:STRENGTH]",
+                   help="a STIV LoRA file (stiv_core/lora.py) at a strength (default 1); repeat to stack them")
     return p
 
 
@@ -91,6 +94,7 @@ class Job:
     upsample: int
     memory: MemoryOptions
     decode_chunk: int = 16
+    loras: tuple[tuple[str, float], ...] = ()   # (LoRA file, strength), attached in order
     fps: float = 8.0          # of the written video (the model's rate x the temporal upsampling)
 
 
@@ -156,8 +160,11 @@ def make_job(args: argparse.Namespace, model_path: Path) -> Job:
     memory = memory_options(args)
     # last, as it may create the output's folder (not for a plan)
     cli.writable_output(args.out, folder=kind == "png", create=not args.plan_only)
+    loras = tuple(parse_lora_arg(text) for text in args.lora)
+    for path, _ in loras:
+        check_lora_file(path, config)
     return Job(request, args.keyframes, stride, args.temporal_upsample, memory,
-               fps=d.fps * args.temporal_upsample if args.fps is None else args.fps)
+               fps=d.fps * args.temporal_upsample if args.fps is None else args.fps, loras=loras)
 
 
 def check_multiview(args: argparse.Namespace, defaults: SamplingDefaults, frames: int) -> str:
@@ -230,6 +237,8 @@ def run(pipeline: STIVPipeline, job: Job, *, progress: bool = True) -> torch.Ten
 def prepare(model_path: Path, job: Job) -> tuple[STIVPipeline, Job]:
     """Load on the CPU, then quantize / plan / swap / move per the job's memory options."""
     pipeline = load_pipeline(model_path, dtype=LOAD_DTYPE)
+    for path, strength in job.loras:  # before quantization: the LoRA wraps the base, quantized or not
+        load_lora(path, pipeline.model, strength=strength)
     handle = apply_memory_options(pipeline.model, job.memory, shape=run_shape(job, pipeline.vae.spatial_factor),
                                   vae=PIXEL_VAE)
     pipeline.text_encoder.to(handle.device)

@@ -245,6 +245,35 @@ def save_lora(path: str | os.PathLike, model: nn.Module, name: str) -> None:
     save_state_dict(path, state, model_metadata(model.config, {LORA_KEY: json.dumps(record)}))
 
 
+def parse_lora_arg(text: str) -> tuple[str, float]:
+    """`PATH[:STRENGTH]` (a command-line --lora) -> (path, strength); strength 1 when none is given."""
+    path, sep, tail = text.rpartition(":")
+    if sep and path:
+        try:
+            strength = float(tail)
+        except ValueError:
+            return text, 1.0   # a colon of the path itself (C:\\loras\\a.safetensors)
+        check_strength(strength)
+        return path, strength
+    return text, 1.0
+
+
+def check_lora_file(path: str | os.PathLike, config) -> None:
+    """From the header alone: `path` is a STIV LoRA made for a model of `config`'s width and depth."""
+    path = check_safetensors(path)
+    meta = read_metadata(path)
+    if LORA_KEY not in meta:
+        raise CheckpointError(f"{path.name} is not a STIV LoRA (no {LORA_KEY!r} in its metadata)")
+    try:
+        base = json.loads(meta.get(CONFIG_KEY, "{}"))
+    except ValueError as err:
+        raise CheckpointError(f"{path.name}: unreadable {CONFIG_KEY!r} metadata ({err})") from err
+    wrong = [f"{k} {base[k]} (the model has {getattr(config, k)})" for k in ("hidden_size", "depth", "num_heads")
+             if k in base and base[k] != getattr(config, k)]
+    if wrong:
+        raise CheckpointError(f"{path.name} is a LoRA for another model: {', '.join(wrong)}")
+
+
 def read_lora(path: str | os.PathLike) -> tuple[LoRAConfig, dict[str, torch.Tensor], dict]:
     """The LoRA config, tensors and recorded base config of a LoRA file (CheckpointError if it is not one)."""
     path = check_safetensors(path)

@@ -1,10 +1,13 @@
 """LoRA as a module swap: zero-init changes nothing, strength 0 is the base bit for bit, adapters stack,
 merge equals the unmerged output, a quantized base keeps it on the fly, the file format round-trips and a
 LoRA for another model is refused naming its keys."""
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors import safe_open
 
+from stiv_core import generate
 from stiv_core.checkpoint import CheckpointError
 from stiv_core.lora import (DEFAULT_TARGETS, LoRAConfig, LoRALinear, attach_lora, load_lora, lora_modules,
                             merge_lora, save_lora, set_strength, unmerge_lora)
@@ -162,3 +165,60 @@ def test_only_a_trainable_lora_requires_grad(make_model):
     attach_lora(model, "train", LoRAConfig(rank=2), trainable=True)
     grads = {n for n, p in model.named_parameters() if p.requires_grad}
     assert grads and all(".adapters.lora_train." in n for n in grads)
+
+
+@pytest.fixture
+def bundle_and_lora(tmp_path):
+    from stiv_core.bundle import SamplingDefaults, save_bundle
+    from stiv_core.config import preset
+    from stiv_core.encoders.words import WordTextEncoder
+    from stiv_core.model.transformer import STIVTransformer
+    from tests.fakes import randomize
+
+    config = preset("tiny", depth=1, hidden_size=32, num_heads=2, text_dim=32, pooled_text_dim=32, max_text_tokens=8)
+    torch.manual_seed(0)
+    model = randomize(STIVTransformer(config)).eval()
+    words = WordTextEncoder(["a", "red", "circle"], dim=32, max_tokens=8)
+    save_bundle(tmp_path / "m.safetensors", model, words, defaults=SamplingDefaults(4, 16, 16, 4.0, 2))
+    attach_lora(model, "style", LoRAConfig(rank=2))
+    train_like(model, "style", std=0.3)
+    save_lora(tmp_path / "style.safetensors", model, "style")
+    return tmp_path / "m.safetensors", tmp_path / "style.safetensors"
+
+
+def _generate(bundle, out, *extra):
+    """The frames the CLI writes to the folder `out`."""
+    assert generate.main(["--model", str(bundle), "--prompt", "a red circle", "--out", str(out), *map(str, extra)]) == 0
+    return torch.from_numpy(np.stack([np.asarray(Image.open(p)) for p in sorted(out.glob("*.png"))]))
+
+
+def test_the_cli_applies_a_lora_at_its_strength(bundle_and_lora, tmp_path):
+    bundle, lora = bundle_and_lora
+    plain = _generate(bundle, tmp_path / "plain")
+    assert torch.equal(_generate(bundle, tmp_path / "zero", "--lora", f"{lora}:0"), plain)
+    styled = _generate(bundle, tmp_path / "styled", "--lora", lora)
+    assert not torch.equal(styled, plain)
+    assert torch.equal(_generate(bundle, tmp_path / "again", "--lora", f"{lora}:1.0"), styled)
+
+
+@pytest.mark.parametrize("make,message", [
+    (lambda d, lora: f"{lora}:nan", "finite"),
+    (lambda d, lora: str(d / "m.safetensors"), "not a STIV LoRA"),
+    (lambda d, lora: str(d / "missing.safetensors"), "missing.safetensors"),
+])
+def test_a_bad_lora_is_one_line_before_the_model_loads(bundle_and_lora, tmp_path, capsys, monkeypatch, make, message):
+    bundle, lora = bundle_and_lora
+    monkeypatch.setattr(generate, "load_pipeline", lambda *a, **k: pytest.fail("the model was loaded"))
+    with pytest.raises(SystemExit) as exit_info:
+        generate.main(["--model", str(bundle), "--prompt", "x", "--out", str(tmp_path / "o.gif"),
+                       "--lora", make(bundle.parent, lora)])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and message in err and len(err.strip().splitlines()) == 1
+
+
+def test_parse_lora_arg_takes_a_strength_and_keeps_colons_of_paths():
+    from stiv_core.lora import parse_lora_arg
+
+    assert parse_lora_arg("a.safetensors") == ("a.safetensors", 1.0)
+    assert parse_lora_arg("a.safetensors:0.5") == ("a.safetensors", 0.5)
+    assert parse_lora_arg("C:\\loras\\a.safetensors") == ("C:\\loras\\a.safetensors", 1.0)
