@@ -47,6 +47,7 @@ class SamplingDefaults:
     steps: int = 25
     shift: float = 1.0
     multiview: bool = False   # the frames are views (data/objects.py): frame 0 given, num_frames fixed
+    scale: float = 7.5        # the guidance scale it samples best with (the paper's JIT-CFG 7.5 for video)
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from . import cli
+from .bundle import SamplingDefaults
 from .data.shapes import (BACKGROUNDS, COLORS, DIRECTIONS, SHAPES, all_combinations, caption_for, held_out,
                           ShapeParams, parse_caption, random_params, render, shape_mask)
 from .pipeline import FrameCondition, GenerationRequest, STIVPipeline, generate, generate_long
@@ -338,7 +339,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                         f"tiny-mv) scores novel views of held-out objects (stiv_core/multiview_bench.py)")
     p.add_argument("--steps", type=cli.positive_int, default=25)
     p.add_argument("--guidance", default="jit", choices=[m.value for m in GuidanceMode])
-    p.add_argument("--scale", type=cli.finite_float, default=7.5)
+    p.add_argument("--scale", type=cli.finite_float, help="guidance scale; default: the model's (7.5 for video)")
     p.add_argument("--image-scale", type=cli.finite_float, default=1.5)
     p.add_argument("--no-clip-denoised", action="store_true", help="sampler: no clamp of clean estimates")
     p.add_argument("--keyframes", type=cli.positive_int, default=16)
@@ -372,7 +373,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
             check_long_video(load_config(path).temporal_patch, args.keyframes, args.keyframe_stride)
         config = BenchConfig(d.num_frames, d.height, d.width, args.keyframes, args.keyframe_stride,
                              tasks=tuple(args.tasks), seeds=args.seeds)
-        model = PipelineModel(_with_loras(load_pipeline(path), args.lora), config, _sampler(args, d.shift))
+        model = PipelineModel(_with_loras(load_pipeline(path), args.lora), config, _sampler(args, d))
     rows: list[dict] = []
     results = run_bench(model, prompts, config, rows)
     return _report(f"shapes-bench: {args.model}, {len(prompts)} prompts x {config.seeds} seed(s), {config.num_frames} "
@@ -388,9 +389,10 @@ def _with_loras(pipeline: STIVPipeline, loras: Sequence[str]) -> STIVPipeline:
     return pipeline
 
 
-def _sampler(args, shift: float) -> SamplerConfig:
-    return SamplerConfig(steps=args.steps, shift=shift, guidance=GuidanceConfig(
-        args.guidance, scale=args.scale, image_scale=args.image_scale), clip_denoised=not args.no_clip_denoised)
+def _sampler(args, defaults: SamplingDefaults) -> SamplerConfig:
+    scale = defaults.scale if args.scale is None else args.scale
+    return SamplerConfig(steps=args.steps, shift=defaults.shift, guidance=GuidanceConfig(
+        args.guidance, scale=scale, image_scale=args.image_scale), clip_denoised=not args.no_clip_denoised)
 
 
 def _report(header: str, results: dict, rows: list[dict], json_path: Optional[str]) -> dict:
@@ -417,7 +419,7 @@ def _multiview_main(args) -> dict:
         path = resolve_model_path(args.model)
         d = load_defaults(path)
         config = MultiviewConfig(d.height, d.width, seeds=args.seeds)
-        model = pipeline_model(_with_loras(load_pipeline(path), args.lora), _sampler(args, d.shift), config)
+        model = pipeline_model(_with_loras(load_pipeline(path), args.lora), _sampler(args, d), config)
     rows: list[dict] = []
     results = run_multiview(model, config, objects=objects, rows=rows)
     return _report(f"multiview-bench: {args.model}, {len(objects)} held-out objects x {config.seeds} seed(s), "

@@ -53,7 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shift", type=cli.positive_float, help="time shift (> 0); default: the model's")
     p.add_argument("--stepper", choices=[s.value for s in Stepper], default="euler")
     p.add_argument("--guidance", choices=[m.value for m in GuidanceMode], default="jit")
-    p.add_argument("--scale", type=cli.finite_float, default=7.5, help="guidance scale (text, or text+image for jit)")
+    p.add_argument("--scale", type=cli.finite_float,
+                   help="guidance scale (text, or text+image for jit); default: the model's (7.5 for video)")
     p.add_argument("--image-scale", type=cli.finite_float, default=1.5, help="SIT-CFG image scale")
     p.add_argument("--renorm", action="store_true", help="CFG renormalisation to the conditional norm")
     p.add_argument("--no-clip-denoised", action="store_true",
@@ -151,7 +152,8 @@ def make_job(args: argparse.Namespace, model_path: Path) -> Job:
     resolve_device(args.device)   # an unknown device name: the ones available here
     sampler = SamplerConfig(steps=d.steps if args.steps is None else args.steps,
                             shift=d.shift if args.shift is None else args.shift, stepper=args.stepper,
-                            guidance=GuidanceConfig(args.guidance, scale=args.scale, image_scale=args.image_scale,
+                            guidance=GuidanceConfig(args.guidance, scale=d.scale if args.scale is None else args.scale,
+                                                    image_scale=args.image_scale,
                                                     renormalize=args.renorm),
                             clip_denoised=not args.no_clip_denoised)
     request = GenerationRequest(prompt, frames, height, width, seed=args.seed, sampler=sampler,

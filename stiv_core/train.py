@@ -318,7 +318,7 @@ def _export(accelerator: Accelerator, config: TrainConfig, ema: EMA, text_encode
     path = config.output_path / "model.safetensors"
     frames, height, width = config.data.buckets[0]
     defaults = SamplingDefaults(num_frames=frames, height=height, width=width, steps=config.sample_steps,
-                                multiview=config.data.kind == DataKind.OBJECTS)
+                                multiview=config.data.kind == DataKind.OBJECTS, scale=config.sample_scale)
     dtype = WEIGHT_DTYPES[config.export_dtype]
     if isinstance(text_encoder, WordTextEncoder):
         save_bundle(path, ema_model, text_encoder, defaults=defaults, dtype=dtype)

@@ -141,6 +141,7 @@ class TrainConfig:
     sample_every: int = 0               # 0 = no sample videos
     sample_prompts: tuple[str, ...] = ("a red square moving right",)
     sample_steps: int = 20
+    sample_scale: float = 7.5           # JIT-CFG scale of the sample videos, recorded as the exported model's default
     export_dtype: str = "float32"       # dtype of the exported EMA model (float16 for shipping)
     mixed_precision: MixedPrecision = MixedPrecision.NO
     gradient_checkpointing: bool = False
@@ -172,6 +173,8 @@ class TrainConfig:
         for key in ("max_steps", "batch_size", "checkpoint_every", "keep_last", "log_every", "sample_steps"):
             _need(getattr(self, key) >= 1, key, "must be >= 1", getattr(self, key))
         _need(self.sample_every >= 0, "sample_every", "must be >= 0 (0 = off)", self.sample_every)
+        _need(math.isfinite(self.sample_scale) and self.sample_scale > 0, "sample_scale", "must be a positive number",
+              self.sample_scale)
         _need(self.export_dtype in WEIGHT_DTYPES, "export_dtype", f"must be one of {sorted(WEIGHT_DTYPES)}",
               self.export_dtype)
         object.__setattr__(self, "sample_prompts", tuple(self.sample_prompts))

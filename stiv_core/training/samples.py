@@ -15,7 +15,7 @@ from PIL import Image
 from ..interfaces import TextEncoder, VideoVAE
 from ..model.transformer import STIVTransformer
 from ..pipeline import GenerationRequest, STIVPipeline, generate
-from ..sampling import SamplerConfig
+from ..sampling import GuidanceConfig, SamplerConfig
 from ..video_io import write_video
 from .config import TrainConfig
 
@@ -33,7 +33,8 @@ def write_samples(model: STIVTransformer, text_encoder: TextEncoder, vae: VideoV
     for i, prompt in enumerate(config.sample_prompts):
         # buckets are in pixels, which is what a request takes
         request = GenerationRequest(prompt, frames, height, width, seed=config.seed + i,
-                                    sampler=SamplerConfig(steps=config.sample_steps))
+                                    sampler=SamplerConfig(steps=config.sample_steps,
+                                                          guidance=GuidanceConfig(scale=config.sample_scale)))
         pixels = generate(pipeline, request)[0]  # (3, T, H, W) in [-1, 1]
         name = f"step_{step:08d}_{i}"
         paths.append(write_video(out_dir / f"{name}.mp4", pixels, upscale=max(1, 256 // max(height, width))))
