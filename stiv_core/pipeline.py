@@ -68,7 +68,17 @@ class STIVPipeline:
         return next(self.model.parameters()).device
 
     def encode_text(self, prompts: list[str]) -> TextEmbedding:
-        return self.text_encoder.encode(prompts).fit(self.model.config.max_text_tokens)
+        """The prompts' embedding, fitted to the model; an empty prompt is the model's learned empty text (what
+        text dropout trained it on: "nothing said"), not an encoder output for no words."""
+        text = self.text_encoder.encode(prompts).fit(self.model.config.max_text_tokens)
+        empty = torch.tensor([not p.strip() for p in prompts])
+        if not empty.any():
+            return text
+        null = self.model.null_text.detach().to(text.tokens)
+        tokens = torch.where(empty[:, None, None], null.expand_as(text.tokens), text.tokens)
+        mask = torch.where(empty[:, None], True, text.mask)
+        pooled = torch.where(empty[:, None], self.model.null_pooled.detach().to(text.pooled), text.pooled)
+        return TextEmbedding(tokens, mask, pooled)
 
     def latent_shape(self, batch: int, num_frames: int, height: int, width: int) -> tuple[int, ...]:
         """Latent shape for a pixel size; raises with the allowed sizes when they don't fit."""

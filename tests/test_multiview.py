@@ -93,3 +93,14 @@ def test_a_word_encoder_grows_by_new_words_and_keeps_the_old_ones_exactly():
     assert torch.equal(again.embed.weight, grown.embed.weight)  # seeded
     torch.testing.assert_close(grown.encode(["a red circle"]).tokens, words.encode(["a red circle"]).tokens)
     assert words.with_words(["red"], seed=0) is words
+
+
+def test_an_empty_prompt_is_the_models_learned_empty_text(bundle):
+    from stiv_core.bundle import load_pipeline
+
+    pipe = load_pipeline(bundle)
+    text = pipe.encode_text(["", "a red and blue cube on a gray background"])
+    own = pipe.encode_text(["a red and blue cube on a gray background"])
+    assert torch.equal(text.tokens[0], pipe.model.null_text) and text.mask[0].all()
+    assert torch.equal(text.pooled[0], pipe.model.null_pooled)
+    assert torch.equal(text.tokens[1:], own.tokens) and torch.equal(text.mask[1:], own.mask)

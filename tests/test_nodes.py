@@ -14,6 +14,7 @@ from tests.pack import (MODEL_FILE, SETTINGS, SIZE, decode, images, load, node, 
 nodes = pack_module("nodes")
 _comfy = pack_module("nodes._comfy")
 types = pack_module("nodes.types")
+BUILTINS = ["tiny (built-in)", "tiny-mv (built-in)"]   # the video and the multi-view model, both shipped
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +31,7 @@ def model(tmp_path_factory):
 
 def test_loader_lists_only_model_files_and_the_builtin(model):
     choices = nodes.STIVLoader.INPUT_TYPES()["required"]["model_name"][0]
-    assert choices == ["tiny (built-in)", MODEL_FILE]
+    assert choices == [*BUILTINS, MODEL_FILE]
     assert model.defaults.num_frames == 4 and model.pipeline.device.type == "cpu"
 
 
@@ -43,9 +44,9 @@ def test_a_file_rewritten_as_stiv_is_listed(model, tmp_path, monkeypatch):
     """The listing reads each file's header once, until the file changes."""
     monkeypatch.setenv("STIV_MODEL_DIRS", str(tmp_path))
     save_file({"weight": torch.zeros(2)}, str(tmp_path / "later.safetensors"))
-    assert nodes.STIVLoader.INPUT_TYPES()["required"]["model_name"][0] == ["tiny (built-in)"]
+    assert nodes.STIVLoader.INPUT_TYPES()["required"]["model_name"][0] == BUILTINS
     write_small_bundle(tmp_path, name="later.safetensors")
-    assert nodes.STIVLoader.INPUT_TYPES()["required"]["model_name"][0] == ["tiny (built-in)", "later.safetensors"]
+    assert nodes.STIVLoader.INPUT_TYPES()["required"]["model_name"][0] == [*BUILTINS, "later.safetensors"]
 
 
 def test_text_to_video_is_seeded_and_decodes_to_comfy_images(model):

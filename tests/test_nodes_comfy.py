@@ -59,7 +59,7 @@ def test_models_stiv_is_created_and_only_stiv_checkpoints_are_listed(tmp_path, m
     assert (tmp_path / "stiv").is_dir()
     write_small_bundle(other)
     choices = pack_module("nodes").STIVLoader.INPUT_TYPES()["required"]["model_name"][0]
-    assert "flux_dev.safetensors" in _comfy.model_files() and choices == ["tiny (built-in)", MODEL_FILE]
+    assert "flux_dev.safetensors" in _comfy.model_files() and choices == ["tiny (built-in)", "tiny-mv (built-in)", MODEL_FILE]
 
 
 def test_unknown_prompt_words_reach_the_page(comfyui, caplog):
