@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import logging
 import math
 import os
 import re
+from pathlib import Path
 from dataclasses import asdict, dataclass
 from typing import Iterator, Optional
 
@@ -28,7 +30,9 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from .checkpoint import CONFIG_KEY, CheckpointError, check_safetensors, model_metadata, read_metadata, save_state_dict
+from .checkpoint import (CheckpointError, check_safetensors, metadata_record, model_metadata, read_metadata,
+                         recorded_config, save_state_dict)
+from .config import STIVConfig
 from .memory.quant import QuantizedLinear
 
 LORA_KEY = "stiv_lora"
@@ -37,6 +41,8 @@ FORMAT_VERSION = 1
 DEFAULT_TARGETS = ("*.spatial_attn.qkv", "*.spatial_attn.proj", "*.cross_attn.q", "*.cross_attn.kv",
                    "*.cross_attn.proj", "*.temporal_attn.qkv", "*.temporal_attn.proj", "*.ffn.fc1", "*.ffn.fc2")
 MAX_SANE_STRENGTH = 4.0
+SHAPE_FIELDS = ("depth", "hidden_size", "num_heads")   # what a LoRA file's base config must share with the model
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -194,10 +200,7 @@ def check_strength(strength: float) -> None:
     if not math.isfinite(strength):
         raise ValueError(f"LoRA strength must be a finite number, got {strength!r}")
     if abs(strength) > MAX_SANE_STRENGTH:
-        import logging
-
-        logging.getLogger(__name__).warning("LoRA strength %g is far outside the usual [-1, 1]; outputs may "
-                                            "break down", strength)
+        log.warning("LoRA strength %g is far outside the usual [-1, 1]; outputs may break down", strength)
 
 
 def merge_lora(model: nn.Module, name: str) -> int:
@@ -205,30 +208,29 @@ def merge_lora(model: nn.Module, name: str) -> int:
     the count merged. A quantized base keeps the adapter applied on the fly (not merged)."""
     count = 0
     for _, module in lora_modules(model, name):
-        if name in module.merged or not isinstance(module.base, nn.Linear):
-            continue
-        strength = module.strengths[name]
-        with torch.no_grad():
-            weight = module.base.weight
-            weight.copy_((weight.float() + strength * module.adapter(name).delta_weight().to(weight.device))
-                         .to(weight.dtype))
-        module.merged[name] = strength
-        count += 1
+        if name not in module.merged and isinstance(module.base, nn.Linear):
+            module.merged[name] = module.strengths[name]
+            _fold(module, name, module.merged[name])
+            count += 1
     return count
 
 
 def unmerge_lora(model: nn.Module, name: str) -> int:
+    """Take a merged adapter `name` out of the base weights again; returns the count unmerged."""
     count = 0
     for _, module in lora_modules(model, name):
-        if name not in module.merged:
-            continue
-        strength = module.merged.pop(name)
-        with torch.no_grad():
-            weight = module.base.weight
-            weight.copy_((weight.float() - strength * module.adapter(name).delta_weight().to(weight.device))
-                         .to(weight.dtype))
-        count += 1
+        if name in module.merged:
+            _fold(module, name, -module.merged.pop(name))
+            count += 1
     return count
+
+
+@torch.no_grad()
+def _fold(module: LoRALinear, name: str, strength: float) -> None:
+    """base.weight += strength * (the adapter's B @ A), computed in float32."""
+    weight = module.base.weight
+    delta = module.adapter(name).delta_weight().to(weight.device)
+    weight.copy_((weight.float() + strength * delta).to(weight.dtype))
 
 
 def save_lora(path: str | os.PathLike, model: nn.Module, name: str) -> None:
@@ -258,45 +260,39 @@ def parse_lora_arg(text: str) -> tuple[str, float]:
     return text, 1.0
 
 
-def check_lora_file(path: str | os.PathLike, config) -> None:
-    """From the header alone: `path` is a STIV LoRA made for a model of `config`'s width and depth."""
+def read_lora_header(path: str | os.PathLike) -> tuple[LoRAConfig, Optional[STIVConfig]]:
+    """From the header alone: the LoRA config and the base model's recorded config (CheckpointError if the
+    file is not a STIV LoRA)."""
     path = check_safetensors(path)
     meta = read_metadata(path)
     if LORA_KEY not in meta:
         raise CheckpointError(f"{path.name} is not a STIV LoRA (no {LORA_KEY!r} in its metadata)")
+    record = metadata_record(path, meta, LORA_KEY, dict)
     try:
-        base = json.loads(meta.get(CONFIG_KEY, "{}"))
-    except ValueError as err:
-        raise CheckpointError(f"{path.name}: unreadable {CONFIG_KEY!r} metadata ({err})") from err
-    wrong = [f"{k} {base[k]} (the model has {getattr(config, k)})" for k in ("hidden_size", "depth", "num_heads")
-             if k in base and base[k] != getattr(config, k)]
-    if wrong:
-        raise CheckpointError(f"{path.name} is a LoRA for another model: {', '.join(wrong)}")
-
-
-def read_lora(path: str | os.PathLike) -> tuple[LoRAConfig, dict[str, torch.Tensor], dict]:
-    """The LoRA config, tensors and recorded base config of a LoRA file (CheckpointError if it is not one)."""
-    path = check_safetensors(path)
-    meta = read_metadata(path)
-    if LORA_KEY not in meta:
-        raise CheckpointError(f"{path.name} is not a STIV LoRA (no {LORA_KEY!r} in its metadata)")
-    try:
-        record = json.loads(meta[LORA_KEY])
         config = LoRAConfig(rank=int(record["rank"]), alpha=float(record["alpha"]),
                             dropout=float(record.get("dropout", 0.0)), targets=tuple(record["targets"]))
-        base = json.loads(meta.get(CONFIG_KEY, "{}"))
     except (KeyError, TypeError, ValueError) as err:
         raise CheckpointError(f"{path.name}: unreadable {LORA_KEY!r} metadata ({err})") from err
-    return config, load_file(str(path)), base
+    return config, recorded_config(path)
+
+
+def check_lora_file(path: str | os.PathLike, config: STIVConfig) -> None:
+    """From the header alone: `path` is a STIV LoRA made for a model of `config`'s width, depth and heads."""
+    _, base = read_lora_header(path)
+    wrong = [] if base is None else [f"{k} {getattr(base, k)} (the model has {getattr(config, k)})"
+                                     for k in SHAPE_FIELDS if getattr(base, k) != getattr(config, k)]
+    if wrong:
+        raise CheckpointError(f"{Path(path).name} is a LoRA for another model: {', '.join(wrong)}")
 
 
 def load_lora(path: str | os.PathLike, model: nn.Module, *, name: Optional[str] = None,
               strength: float = 1.0) -> str:
     """Attach the LoRA in `path` to `model` as `name` (default: the file's stem) with `strength`; a file for
     another model shape is refused naming the first mismatching keys. Returns the name."""
-    config, tensors, base = read_lora(path)
-    name = name or os.path.splitext(os.path.basename(os.fspath(path)))[0]
-    modules = {p: m for p, m in target_linears(model, ("*",)).items()}
+    config, base = read_lora_header(path)
+    tensors = load_file(str(path))
+    name = name or Path(path).stem
+    modules = target_linears(model, ("*",))
     bad = []
     for key, tensor in sorted(tensors.items()):
         module_path, _, kind = key.rpartition(".lora_")
@@ -306,8 +302,8 @@ def load_lora(path: str | os.PathLike, model: nn.Module, *, name: Optional[str] 
         if want is None or kind not in ("A.weight", "B.weight") or tuple(tensor.shape) != want:
             bad.append(f"{key} {tuple(tensor.shape)}" + ("" if want is None else f" (the model needs {want})"))
     if bad:
-        shape = {k: base.get(k) for k in ("depth", "hidden_size", "num_heads") if k in base}
-        raise CheckpointError(f"{os.path.basename(os.fspath(path))} is a LoRA for another model ({shape}): "
+        shape = {} if base is None else {k: getattr(base, k) for k in SHAPE_FIELDS}
+        raise CheckpointError(f"{Path(path).name} is a LoRA for another model ({shape}): "
                               f"{len(bad)} key(s) do not fit, first {bad[:5]}")
     paths = sorted({k.rpartition(".lora_")[0] for k in tensors})
     attach_lora(model, name, LoRAConfig(config.rank, config.alpha, 0.0, tuple(paths)), strength=strength)
