@@ -29,8 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from stiv_core.bundle import load_defaults, load_pipeline, resolve_model_path  # noqa: E402
-from stiv_core.evaluate import (BenchConfig, PipelineModel, ground_truth, heldout_prompts, psnr,  # noqa: E402
-                                run_bench)
+from stiv_core.evaluate import BenchConfig, PipelineModel, ground_truth, heldout_prompts, run_bench  # noqa: E402
+from stiv_core.metrics import psnr  # noqa: E402
 from stiv_core.pipeline import FrameCondition  # noqa: E402
 from stiv_core.sampling import GuidanceConfig, SamplerConfig  # noqa: E402
 

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from . import cli
 from .bundle import SamplingDefaults
+from .metrics import psnr
 from .data.shapes import (BACKGROUNDS, COLORS, DIRECTIONS, SHAPES, all_combinations, caption_for, held_out,
                           ShapeParams, parse_caption, random_params, render, shape_mask)
 from .pipeline import FrameCondition, GenerationRequest, STIVPipeline, generate, generate_long
@@ -30,7 +31,6 @@ from .sampling import GuidanceConfig, SamplerConfig
 OBJECT_THRESHOLD = 0.2   # RGB distance (0..1 units) from the background that counts as object
 MIN_AREA_FRACTION = 0.004
 AREA_FACTOR = {"circle": math.pi, "square": 1.6 ** 2, "triangle": 3 * math.sqrt(3) / 4}  # area / r^2
-PSNR_CAP = 100.0
 
 
 @dataclass(frozen=True)
@@ -123,12 +123,6 @@ def direction_of(detections: Sequence[Detection], height: int, width: int, min_s
 def majority(values: Sequence[Optional[str]]) -> Optional[str]:
     values = [v for v in values if v is not None]
     return Counter(values).most_common(1)[0][0] if values else None
-
-
-def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
-    """PSNR in dB of two images/videos in [-1, 1] (measured on [0, 1]); capped at PSNR_CAP."""
-    mse = (((a.float().clamp(-1, 1) - b.float().clamp(-1, 1)) / 2) ** 2).mean().item()
-    return PSNR_CAP if mse == 0 else min(PSNR_CAP, 10 * math.log10(1 / mse))
 
 
 def monotone(detections: Sequence[Detection], height: int, width: int, tolerance: float = 0.5,

@@ -9,23 +9,20 @@ silhouette (IoU >= MIN_IOU). `input_psnr` checks that the given view is kept exa
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from statistics import mean
 from typing import Callable, Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 
 from .data.objects import (NUM_VIEWS, OBJECT_COLORS, ObjectParams, all_combinations, held_out, parse_caption,
                            random_params, render)
 from .data.shapes import BACKGROUNDS, COLORS
+from .metrics import psnr, ssim
 
-PSNR_CAP = 100.0
 OBJECT_THRESHOLD = 0.12   # RGB distance (0..1) from the background that counts as object
 MIN_COLOR_SHARE = 0.15    # a colour is visible when it covers this share of the object's pixels
 MIN_IOU = 0.7
-SSIM_SIGMA, SSIM_RADIUS = 1.5, 5  # Wang et al.'s Gaussian window (11 x 11), as scikit-image's gaussian_weights
 
 # view `(3, T, H, W)` in [-1, 1] of a caption, given its input view `(3, H, W)`, for a seed
 MultiviewModel = Callable[[str, torch.Tensor, int], torch.Tensor]
@@ -46,27 +43,6 @@ def heldout_objects() -> list[tuple[str, str, str, str]]:
 def truth(combination: tuple[str, str, str, str], config: MultiviewConfig, seed: int) -> tuple[ObjectParams, torch.Tensor]:
     params = random_params(torch.Generator().manual_seed(seed), combination)
     return params, render(params, config.height, config.width)
-
-
-def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
-    """PSNR (dB) of two images in [-1, 1] (peak 2), capped at PSNR_CAP for identical ones."""
-    mse = float((a.float() - b.float()).square().mean())
-    return PSNR_CAP if mse == 0 else min(PSNR_CAP, 10 * math.log10(4.0 / mse))
-
-
-def ssim(a: torch.Tensor, b: torch.Tensor) -> float:
-    """SSIM of two images `(3, H, W)` in [-1, 1], on [0, 1] per channel with an 11x11 Gaussian window (sigma
-    1.5), population covariances, mean over the window positions that fit the image and the channels."""
-    x, y = ((t.double()[:, None] + 1) / 2 for t in (a, b))   # (3, 1, H, W)
-    g = torch.exp(-torch.arange(-SSIM_RADIUS, SSIM_RADIUS + 1, dtype=torch.float64).square() / (2 * SSIM_SIGMA ** 2))
-    g = g / g.sum()
-    window = (g[:, None] * g[None, :])[None, None]
-    blur = lambda t: F.conv2d(t, window)
-    mx, my = blur(x), blur(y)
-    vx, vy, cov = blur(x * x) - mx ** 2, blur(y * y) - my ** 2, blur(x * y) - mx * my
-    c1, c2 = 0.01 ** 2, 0.03 ** 2
-    s = ((2 * mx * my + c1) * (2 * cov + c2)) / ((mx ** 2 + my ** 2 + c1) * (vx + vy + c2))
-    return float(s.mean())
 
 
 def object_mask(view: torch.Tensor, background: str) -> torch.Tensor:

@@ -4,8 +4,9 @@ import pytest
 import torch
 
 from stiv_core.data.objects import NUM_VIEWS, ObjectParams, render
+from stiv_core.metrics import ssim
 from stiv_core.multiview_bench import (MultiviewConfig, heldout_objects, object_mask, repeat_input, run_multiview,
-                                       score_clip, ssim, truth, view_correct, visible_colors)
+                                       score_clip, truth, view_correct, visible_colors)
 
 CONFIG = MultiviewConfig()
 OBJECTS = heldout_objects()[:6]

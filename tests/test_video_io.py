@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from stiv_core.data.shapes import ShapeParams, render
-from stiv_core.evaluate import psnr
+from stiv_core.metrics import psnr
 from stiv_core.video_io import output_kind, read_image, read_video, to_uint8_frames, write_video
 
 CLIP = render(ShapeParams("circle", "red", "blue", "left"), 6, 32, 32)
