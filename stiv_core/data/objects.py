@@ -18,9 +18,9 @@ import zlib
 from dataclasses import dataclass
 
 import torch
-from torch.utils.data import Dataset
 
 from ..conditioning import MicroConditions
+from .procedural import ProceduralDataset
 from .sample import SampleKey, VideoSample
 from .shapes import BACKGROUNDS, COLORS
 
@@ -216,7 +216,7 @@ def random_params(generator: torch.Generator, combination: tuple[str, str, str, 
     return ObjectParams(solid, (first, second), background, azimuth)
 
 
-class ObjectsDataset(Dataset):
+class ObjectsDataset(ProceduralDataset):
     """Multi-view clips of the domain, made on the fly; `split` 'train' or 'heldout' picks the combinations.
 
     Indexed by `SampleKey` (`key.index` picks the combination and azimuth, `key.bucket` the size); the
@@ -224,17 +224,7 @@ class ObjectsDataset(Dataset):
     """
 
     def __init__(self, num_samples: int, *, split: str = "train", seed: int = 0):
-        if split not in ("train", "heldout"):
-            raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
-        self.combinations = [c for c in all_combinations() if held_out(c) == (split == "heldout")]
-        self.num_samples, self.seed = num_samples, seed
-
-    def __len__(self) -> int:
-        return self.num_samples
-
-    def params(self, index: int) -> ObjectParams:
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
-        return random_params(g, self.combinations[index % len(self.combinations)])
+        super().__init__(num_samples, all_combinations(), held_out, random_params, split=split, seed=seed)
 
     def __getitem__(self, key: SampleKey) -> VideoSample:
         frames, height, width = key.bucket

@@ -13,9 +13,9 @@ import zlib
 from dataclasses import dataclass
 
 import torch
-from torch.utils.data import Dataset
 
 from ..conditioning import MicroConditions
+from .procedural import ProceduralDataset
 from .sample import SampleKey, VideoSample
 
 # RGB in [0, 1]. Colours are far apart, so colour segmentation can name them.
@@ -136,7 +136,7 @@ def render(params: ShapeParams, num_frames: int, height: int, width: int, *, str
     return torch.where(inside[None], fg, bg) * 2 - 1
 
 
-class ShapesDataset(Dataset):
+class ShapesDataset(ProceduralDataset):
     """Clips of the domain, made on the fly; `split` 'train' or 'heldout' picks the combinations.
 
     Indexed by `SampleKey`: `key.index` picks the combination and params, `key.bucket` the size,
@@ -145,17 +145,8 @@ class ShapesDataset(Dataset):
 
     def __init__(self, num_samples: int, *, split: str = "train", seed: int = 0,
                  frame_strides: tuple[int, ...] = (1,)):
-        if split not in ("train", "heldout"):
-            raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
-        self.combinations = [c for c in all_combinations() if held_out(c) == (split == "heldout")]
-        self.num_samples, self.seed, self.frame_strides = num_samples, seed, tuple(frame_strides)
-
-    def __len__(self) -> int:
-        return self.num_samples
-
-    def params(self, index: int) -> ShapeParams:
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
-        return random_params(g, self.combinations[index % len(self.combinations)])
+        super().__init__(num_samples, all_combinations(), held_out, random_params, split=split, seed=seed)
+        self.frame_strides = tuple(frame_strides)
 
     def __getitem__(self, key: SampleKey) -> VideoSample:
         frames, height, width = key.bucket
