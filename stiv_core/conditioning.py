@@ -117,8 +117,7 @@ class FrameReplacementPlan:
         """The plan of `task`: `clean` `(B, C, k, H, W)` (or `(B, C, H, W)` for one frame) are its given
         frames in order (k = their count, see `given_frames`); None for T2V."""
         if clean is None:
-            return cls(num_frames, given_frames(task, num_frames, count=0 if Task(task) is Task.T2V else None,
-                                                stride=stride))
+            return cls(num_frames, given_frames(task, num_frames, stride=stride))
         clean = _as_frames(clean)
         return cls(num_frames, given_frames(task, num_frames, count=clean.shape[2], stride=stride), clean)
 

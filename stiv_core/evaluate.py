@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from . import cli
-from .bundle import SamplingDefaults
+from .bundle import SamplingDefaults, load_defaults, load_pipeline, resolve_model_path
 from .metrics import psnr
 from .data.shapes import (BACKGROUNDS, COLORS, DIRECTIONS, SHAPES, all_combinations, caption_for, held_out,
                           ShapeParams, parse_caption, random_params, render, shape_mask)
@@ -317,7 +317,6 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     """The results; a user error exits with status 2 and one line, before the model loads (see cli.py)."""
     import logging
 
-    from .bundle import load_defaults, load_pipeline, resolve_model_path
     from .checkpoint import load_config
     from .pipeline import check_long_video
     from .sampling import GuidanceMode
@@ -344,9 +343,10 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     logging.basicConfig(level=logging.WARNING)
     if args.tasks and "multiview" in args.tasks and len(args.tasks) > 1:
         raise ValueError("--tasks multiview runs on its own (its objects are another domain than the shapes)")
-    if args.tasks == ["multiview"] or (args.tasks is None and args.model != "groundtruth"
-                                        and load_defaults(resolve_model_path(args.model)).multiview):
-        return _multiview_main(args)
+    path = None if args.model == "groundtruth" else resolve_model_path(args.model)
+    d = None if path is None else load_defaults(path)
+    if args.tasks == ["multiview"] or (args.tasks is None and d is not None and d.multiview):
+        return _multiview_main(args, path, d)
     args.tasks = args.tasks or list(TASKS)
     prompts = heldout_prompts()
     if args.prompts:
@@ -356,13 +356,11 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     prompts = prompts[: args.limit] if args.limit else prompts
     if args.json:
         cli.writable_output(args.json)
-    if args.model == "groundtruth":
+    if path is None:
         config = BenchConfig(keyframes=args.keyframes, stride=args.keyframe_stride, tasks=tuple(args.tasks),
                              seeds=args.seeds)
         model: VideoModel = GroundTruthModel(config)
     else:
-        path = resolve_model_path(args.model)
-        d = load_defaults(path)
         if "long" in args.tasks:
             check_long_video(load_config(path).temporal_patch, args.keyframes, args.keyframe_stride)
         config = BenchConfig(d.num_frames, d.height, d.width, args.keyframes, args.keyframe_stride,
@@ -399,19 +397,17 @@ def _report(header: str, results: dict, rows: list[dict], json_path: Optional[st
     return results
 
 
-def _multiview_main(args) -> dict:
-    from .bundle import load_defaults, load_pipeline, resolve_model_path
+def _multiview_main(args, path: Optional[Path], d: Optional[SamplingDefaults]) -> dict:
+    """multiview-bench: `path` and its defaults `d` (None: the ground truth, the self-check)."""
     from .multiview_bench import MultiviewConfig, heldout_objects, pipeline_model, run_multiview, true_views
 
     objects = heldout_objects()[: args.limit] if args.limit else heldout_objects()
     if args.json:
         cli.writable_output(args.json)
-    if args.model == "groundtruth":
+    if path is None:
         config = MultiviewConfig(seeds=args.seeds)
         model = true_views(config)
     else:
-        path = resolve_model_path(args.model)
-        d = load_defaults(path)
         config = MultiviewConfig(d.height, d.width, seeds=args.seeds)
         model = pipeline_model(_with_loras(load_pipeline(path), args.lora), _sampler(args, d), config)
     rows: list[dict] = []
